@@ -1,0 +1,129 @@
+"""``tfbitmeta`` command line: train, evaluate.
+
+TensorFlow is imported inside the commands, so ``--help`` is instant; user errors print one line and exit 1.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.federated.workers import install_reaper
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide C++ start-up noise (cuDNN/TensorRT)
+
+
+def user_errors(fn):
+    """Turn TfbitmetaError (and a bad --out) into click's one-line ``Error: ...`` with exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TfbitmetaError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def parse_bits(spec: str) -> tuple[int, ...]:
+    from tfbitmeta.quant.bitwidth import DEFAULT_BITS, parse_bit
+
+    if spec.strip().lower() == "all":
+        return DEFAULT_BITS
+    return tuple(sorted({parse_bit(t) for t in spec.split(",") if t.strip()}))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tfbitmeta")
+def main():
+    """Bitwidth-adaptive meta-learned QAT (MEBQAT) for TensorFlow/Keras."""
+    install_reaper()
+
+
+@main.command()
+@click.option("--method", type=click.Choice(["mebqat", "dedicated", "anyprec"]), default="mebqat", show_default=True)
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits, fashion_mnist, a .npz file or an image directory (one sub-directory per class)")
+@click.option("--model", "family", default="svhn_cnn", show_default=True,
+              help="svhn_cnn, preact_resnet20 or mobilenet_v2")
+@click.option("--width", type=float, default=2.0, show_default=True,
+              help="width: svhn_cnn multiplier ep, preact_resnet20 base channels, mobilenet_v2 alpha")
+@click.option("--scheme", type=click.Choice(["exact", "dorefa"]), default="exact", show_default=True,
+              help="exact: TFLite-exact integer grids; dorefa: the reference's Yu21 quantizer")
+@click.option("--bits", default="all", show_default=True,
+              help="candidate bitwidths, e.g. 'all' (1-8,16,fp) or '2,4,8,fp'; one value for --method dedicated")
+@click.option("--w-eq-a/--pairs", default=None,
+              help="train only w=a configurations, or every valid (w,a) pair [default: pairs for mebqat]")
+@click.option("--first-last", type=click.Choice(["auto", "fp", "8"]), default="auto", show_default=True,
+              help="precision of the first conv and the last dense (auto: fp for dorefa, 8 for exact)")
+@click.option("--bn", "bn_mode", type=click.Choice(["calibrated", "batch"]), default="calibrated", show_default=True,
+              help="calibrated: per-bitwidth BN statistics (batch-1 safe); batch: the reference's batch statistics")
+@click.option("--tasks", "num_tasks", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="bitwidth tasks per step (mebqat)")
+@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=None, help="total optimizer steps (overrides --epochs)")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--exit-weight", type=float, default=0.3, show_default=True, help="loss weight of early-exit heads")
+@click.option("--image-size", type=click.IntRange(4), default=None, help="resize images to N x N")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="use only the first N training images")
+@click.option("--patience", type=click.IntRange(1), default=None, help="early stopping after N epochs without gain")
+@click.option("--ckpt-every", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@user_errors
+def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_mode, num_tasks, epochs, steps,
+          batch_size, lr, exit_weight, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet):
+    """Train one model (MEBQAT by default) and print its test accuracy at every candidate bitwidth."""
+    bit_values = parse_bits(bits)
+    if method == "dedicated":
+        if len(bit_values) != 1:
+            raise TfbitmetaError("--method dedicated trains one bitwidth: pass one value, e.g. --bits 4")
+        w_eq_a = True
+    elif w_eq_a is None:
+        w_eq_a = method == "anyprec"
+    from tfbitmeta.meta.evaluate import format_table
+    from tfbitmeta.meta.run import TrainConfig
+    from tfbitmeta.meta.train import ModelOptions
+    from tfbitmeta.meta.train import train as run_train
+
+    tcfg = TrainConfig(method=method, dataset=dataset, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
+                       num_tasks=num_tasks, exit_weight=exit_weight, seed=seed, ckpt_every=ckpt_every,
+                       limit_train=limit_train, patience=patience)
+    mopts = ModelOptions(family=family, width=width, scheme=scheme, bits=bit_values, w_eq_a=w_eq_a,
+                         first_last=None if first_last == "auto" else (8 if first_last == "8" else "fp"),
+                         bn_mode=bn_mode, image_size=image_size)
+    result = run_train(out, tcfg, mopts, resume=resume, progress=not quiet)
+    m = result["meta"]
+    click.echo(f"\n{m['method']} on {m['dataset']} ({m['model']}, {m['scheme']}): {m['steps']} steps, "
+               f"{m['backward_passes']} backward passes, {m['train_seconds']:.0f} s; test accuracy of ONE checkpoint:")
+    click.echo(format_table(result["rows"]))
+    click.echo(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_bits.png'}, checkpoints in {out}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--bits", default="all", show_default=True,
+              help="'all' (every w=a candidate), 'pairs' (every (w,a) configuration) or a list like '2,4/8,fp'")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="where to write results [default: RUN]")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+@user_errors
+def evaluate(run, bits, batch_size, out, as_json):
+    """Evaluate a trained run at many bitwidths (table, results.json, accuracy_vs_bits.png)."""
+    from tfbitmeta.meta.evaluate import format_table
+    from tfbitmeta.meta.train import evaluate as run_evaluate
+
+    result = run_evaluate(run, bits, batch_size, out)
+    click.echo(json.dumps(result["rows"], indent=2) if as_json else format_table(result["rows"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""A run directory: what was trained, how to rebuild it, and its checkpoints.
+
+```
+OUT/run.json          model config, normalization, dataset, training config, status (version 1)
+OUT/ckpt/             training checkpoints (model, optimizer, step, best score) for --resume
+OUT/best/             best-on-validation weights (selection never looks at test data)
+OUT/model/            final weights: best weights with calibrated per-bitwidth BN statistics
+OUT/results.json, OUT/accuracy_vs_bits.png, OUT/tb/ (TensorBoard)
+```
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfbitmeta.data.pipeline import Normalization
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.models import BitModel, ModelConfig, build
+
+RUN_VERSION = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    method: str = "mebqat"
+    dataset: str = "digits"
+    epochs: int = 3
+    steps: int | None = None  # total optimizer steps; overrides epochs when given
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    num_tasks: int = 4
+    exit_weight: float = 0.3
+    clip: float = 10.0
+    seed: int = 0
+    ckpt_every: int = 100
+    calib_batches: int = 10
+    limit_train: int | None = None
+    patience: int | None = None  # early stopping on validation score, in epochs
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def check_writable(out: Path) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TfbitmetaError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    return out
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # -- metadata ----------------------------------------------------------------------------------
+    @property
+    def meta_file(self) -> Path:
+        return self.path / "run.json"
+
+    def exists(self) -> bool:
+        return self.meta_file.is_file()
+
+    def write_meta(self, model_cfg: ModelConfig, norm: Normalization, train_cfg: TrainConfig, dataset: dict,
+                   status: dict | None = None):
+        meta = {"version": RUN_VERSION, "model": model_cfg.to_dict(), "normalization": norm.to_dict(),
+                "dataset": dataset, "train": dataclasses.asdict(train_cfg), "status": status or {}}
+        tmp = self.meta_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, self.meta_file)
+
+    def read_meta(self) -> dict:
+        if not self.path.exists():
+            raise TfbitmetaError(f"no run at {self.path}: train one with `tfbitmeta train --out {self.path}`")
+        if not self.exists():
+            raise TfbitmetaError(f"{self.path} is not a tfbitmeta run (no run.json)")
+        try:
+            meta = json.loads(self.meta_file.read_text())
+            if meta.get("version") != RUN_VERSION:
+                raise TfbitmetaError(f"{self.meta_file} has version {meta.get('version')}, expected {RUN_VERSION}")
+            ModelConfig.from_dict(meta["model"])
+            return meta
+        except (ValueError, KeyError, TypeError) as e:
+            raise TfbitmetaError(f"corrupt run metadata {self.meta_file}: {e}") from None
+
+    def update_status(self, **status):
+        meta = json.loads(self.meta_file.read_text())
+        meta["status"].update(status)
+        tmp = self.meta_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, self.meta_file)
+
+    # -- models and weights ------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.read_meta()["model"])
+
+    def normalization(self) -> Normalization:
+        return Normalization.from_dict(self.read_meta()["normalization"])
+
+    def load_model(self, which: str = "model") -> BitModel:
+        """Rebuild the model from run.json and restore weights from ``model/`` (final) or ``best/``."""
+        bm = build(self.model_config())
+        restore_weights(bm.keras, self.path / which)
+        return bm
+
+
+def restore_weights(model: tf.keras.Model, directory: Path, **extra) -> str:
+    latest = tf.train.latest_checkpoint(str(directory))
+    if latest is None:
+        raise TfbitmetaError(f"no checkpoint in {directory}")
+    try:
+        tf.train.Checkpoint(model=model, **extra).restore(latest).expect_partial().assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError) as e:
+        msg = str(e).strip().splitlines()[0][:200]
+        raise TfbitmetaError(f"corrupt or incompatible checkpoint {latest}: {msg}") from None
+    return latest
+
+
+def save_weights(model: tf.keras.Model, directory: Path, step: int):
+    mgr = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(directory), max_to_keep=1)
+    mgr.save(checkpoint_number=step)

@@ -1,0 +1,108 @@
+"""From options to a trained, calibrated, evaluated run directory (used by the CLI and the benchmarks)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfbitmeta.data import datasets
+from tfbitmeta.data.pipeline import Normalization, eval_batches
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.meta.evaluate import accuracy_table, write_results
+from tfbitmeta.meta.loop import FitResult, Trainer, checkpoint_bytes
+from tfbitmeta.meta.methods import make_method
+from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
+from tfbitmeta.models import ModelConfig, build, min_input_size
+from tfbitmeta.quant.bitwidth import BitSpace, Config
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    family: str = "svhn_cnn"
+    width: float = 2.0
+    scheme: str = "exact"
+    bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+    w_eq_a: bool = False
+    first_last: str | int | None = None  # None: 'fp' for dorefa, 8 for exact (full-integer export)
+    bn_mode: str = "calibrated"
+    image_size: int | None = None
+    exits: tuple[int, ...] | None = None
+
+
+def set_determinism(seed: int):
+    tf.keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def prepare(out: Path, tcfg: TrainConfig, mopts: ModelOptions, resume: bool = False):
+    """Load data, build the model and the method; write or read run.json.  Returns (run, trainer parts)."""
+    run = RunDir(check_writable(out))
+    if resume:
+        meta = run.read_meta()
+        tcfg = TrainConfig.from_dict(meta["train"])
+        mcfg = ModelConfig.from_dict(meta["model"])
+        norm = Normalization.from_dict(meta["normalization"])
+    elif run.exists() and (run.path / "ckpt").exists():
+        raise TfbitmetaError(f"{out} already holds a run: use --resume to continue it or choose another --out")
+    set_determinism(tcfg.seed)
+    splits = datasets.load(tcfg.dataset, seed=tcfg.seed).limit_train(tcfg.limit_train)
+    if not resume:
+        size = (mopts.image_size, mopts.image_size) if mopts.image_size else None
+        min_size = min_input_size(mopts.family)
+        if size is None and min(splits.image_shape[:2]) < min_size:
+            size = (min_size, min_size)
+            print(f"note: {splits.name} images are {splits.image_shape[0]}px; {mopts.family} needs >= {min_size}px, "
+                  f"resizing to {min_size}x{min_size} (recorded in run.json)")
+        norm = Normalization.fit(splits.x_train, size)
+        space = BitSpace(mopts.bits, mopts.w_eq_a)
+        first_last = mopts.first_last if mopts.first_last is not None else ("fp" if mopts.scheme == "dorefa" else 8)
+        mcfg = ModelConfig(family=mopts.family, input_shape=norm.model_input_shape(splits.image_shape[-1]),
+                           num_classes=splits.num_classes, width=mopts.width, scheme=mopts.scheme,
+                           first_last=first_last, bn_mode=mopts.bn_mode, candidates=space, exits=mopts.exits)
+    bm = build(mcfg)
+    method = make_method(tcfg.method, mcfg.candidates, tcfg.seed, tcfg.num_tasks)
+    if not resume:
+        dataset = {"name": splits.name, "class_names": splits.class_names, "seed": tcfg.seed,
+                   "train": len(splits.x_train), "val": len(splits.x_val), "test": len(splits.x_test)}
+        run.write_meta(mcfg, norm, tcfg, dataset, {"state": "training"})
+    return run, Trainer(run, bm, method, splits, norm, tcfg)
+
+
+def train(out: Path, tcfg: TrainConfig, mopts: ModelOptions, resume: bool = False, progress: bool = True,
+          eval_configs: list[Config] | None = None) -> dict:
+    run, trainer = prepare(out, tcfg, mopts, resume)
+    trainer.progress = progress
+    fit: FitResult = trainer.fit(resume=resume)
+    trainer.finalize()
+    run.update_status(state="done", steps=fit.steps, backward_passes=fit.backward_passes,
+                      train_seconds=round(fit.seconds, 2))
+    configs = eval_configs or trainer.method.eval_configs
+    modes = ("calibrated", "batch") if trainer.bm.cfg.bn_mode == "calibrated" else ("batch",)
+    test = eval_batches(trainer.splits.x_test, trainer.splits.y_test, trainer.norm)
+    rows = accuracy_table(trainer.model, test, configs, modes)
+    meta = {"method": trainer.method.name, "dataset": trainer.splits.name, "model": trainer.bm.cfg.family,
+            "scheme": trainer.bm.cfg.scheme, "steps": fit.steps, "backward_passes": fit.backward_passes,
+            "configs_covered": len(trainer.method.covered), "train_seconds": round(fit.seconds, 2),
+            "best_val": fit.best_val, "params": trainer.bm.count_params(),
+            "checkpoint_bytes": checkpoint_bytes(run.path / "model"), "bn_mode": modes[0]}
+    write_results(run.path, rows, meta, f"{trainer.method.name} on {trainer.splits.name} "
+                                        f"({trainer.bm.cfg.family}, {trainer.bm.cfg.scheme})")
+    return {"meta": meta, "rows": rows, "history": fit.history}
+
+
+def evaluate(run_path: Path, bits: str = "all", batch_size: int = 256, out: Path | None = None) -> dict:
+    run = RunDir(run_path)
+    meta = run.read_meta()
+    bm = run.load_model("model" if (run.path / "model").exists() else "best")
+    configs = bm.cfg.candidates.parse(bits)
+    tcfg = TrainConfig.from_dict(meta["train"])
+    splits = datasets.load(tcfg.dataset, seed=tcfg.seed)
+    norm = run.normalization()
+    modes = ("calibrated", "batch") if bm.cfg.bn_mode == "calibrated" else ("batch",)
+    rows = accuracy_table(bm.keras, eval_batches(splits.x_test, splits.y_test, norm, batch_size), configs, modes)
+    result_meta = {"method": tcfg.method, "dataset": splits.name, "model": bm.cfg.family, "scheme": bm.cfg.scheme,
+                   "bn_mode": modes[0], "batch_size": batch_size}
+    write_results(check_writable(out or run.path), rows, result_meta,
+                  f"{tcfg.method} on {splits.name} ({bm.cfg.family}, {bm.cfg.scheme})")
+    return {"meta": result_meta, "rows": rows}

@@ -1,0 +1,25 @@
+"""Model families built as named parts (extractor, early-exit head, backend)."""
+from __future__ import annotations
+
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.models import mobilenet_v2, preact_resnet, svhn_cnn
+from tfbitmeta.models.base import BitModel, ModelConfig  # noqa: F401
+
+FAMILIES = {
+    "svhn_cnn": svhn_cnn.build,
+    "preact_resnet20": preact_resnet.build,
+    "mobilenet_v2": mobilenet_v2.build,
+}
+
+
+def build(cfg: ModelConfig) -> BitModel:
+    try:
+        builder = FAMILIES[cfg.family]
+    except KeyError:
+        raise TfbitmetaError(f"unknown model {cfg.family!r}; choose from {', '.join(FAMILIES)}") from None
+    return builder(cfg)
+
+
+def min_input_size(family: str) -> int:
+    """The smallest input side a family accepts (others work on any size)."""
+    return svhn_cnn.MIN_SIZE if family == "svhn_cnn" else 1

@@ -1,0 +1,190 @@
+"""Models as named parts: extractor -> early-exit head, and backend (the rest, ending in the classifier).
+
+A family builds a list of :class:`Stage` objects that own their layers.  :class:`BitModel` applies them to
+Keras inputs to make the full functional model and, sharing the same layer objects (so the same weights),
+the parts cut at any stage boundary (the *split*).  Split ``s`` means "after stage ``s``" (1-based).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import tensorflow as tf
+
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.quant.bitwidth import BitSpace
+from tfbitmeta.quant.layers import ADAPTIVE, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QReLU
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    family: str = "svhn_cnn"
+    input_shape: tuple[int, int, int] = (28, 28, 1)
+    num_classes: int = 10
+    width: float = 2.0
+    scheme: str = "dorefa"
+    first_last: str | int = "fp"  # precision of the first conv, the last dense and the activation feeding it
+    bn_mode: str = "calibrated"
+    candidates: BitSpace = dataclasses.field(default_factory=BitSpace)
+    exits: tuple[int, ...] | None = None  # split points with an early-exit head; None = the family's default
+    dropout: float | None = None  # None = the family's default
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["candidates"] = self.candidates.to_config()
+        d["input_shape"] = list(self.input_shape)
+        d["exits"] = None if self.exits is None else list(self.exits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["candidates"] = BitSpace.from_config(d["candidates"])
+        d["input_shape"] = tuple(d["input_shape"])
+        if d.get("exits") is not None:
+            d["exits"] = tuple(d["exits"])
+        return cls(**d)
+
+
+class LayerFactory:
+    """Makes quantized layers with the model's scheme, candidate set and precision policy.
+
+    ``role`` is ``"inner"`` (adaptive bitwidth), ``"first"`` or ``"last"`` (the ``first_last`` policy).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        fl = cfg.first_last
+        if fl not in ("fp", 8) and not (isinstance(fl, int) and 2 <= fl <= 16):
+            raise TfbitmetaError(f"bad first/last-layer precision {fl!r}: use 'fp' or 8")
+        self._common = {"scheme": cfg.scheme, "candidates": cfg.candidates}
+
+    def _precision(self, role):
+        return ADAPTIVE if role == "inner" else self.cfg.first_last
+
+    def conv(self, filters, kernel, strides=1, padding="same", bias=False, role="inner", name=None):
+        return QConv2D(filters, kernel, strides=strides, padding=padding, use_bias=bias,
+                       precision=self._precision(role), name=name, **self._common)
+
+    def dwconv(self, kernel, strides=1, name=None):
+        return QDepthwiseConv2D(kernel, strides=strides, padding="same", use_bias=False, name=name, **self._common)
+
+    def dense(self, units, role="last", name=None):
+        return QDense(units, precision=self._precision(role), name=name, **self._common)
+
+    def relu(self, role="inner", name=None):
+        return QReLU(precision=self._precision(role), name=name, **self._common)
+
+    def bn(self, name=None):
+        return BitBatchNorm(candidates=self.cfg.candidates, mode=self.cfg.bn_mode, name=name)
+
+
+class Stage:
+    """One named piece of a model: ``fn(h, bits) -> h`` built from layers it owns."""
+
+    def __init__(self, name: str, fn: Callable):
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, h, bits):
+        with tf.name_scope(self.name):
+            return self.fn(h, bits)
+
+
+class ExitHead:
+    """Early-exit classifier: quantized 3x3 conv -> BN -> ReLU+Q, global average pooling, dense (last-layer
+    precision).  Its width is the width of the features it reads."""
+
+    def __init__(self, L: LayerFactory, num_classes: int, split: int, channels: int):
+        self.conv = L.conv(channels, 3, name=f"exit{split}_conv")
+        self.bn = L.bn(name=f"exit{split}_bn")
+        self.relu = L.relu(role="last", name=f"exit{split}_relu")
+        self.pool = tf.keras.layers.GlobalAveragePooling2D(name=f"exit{split}_pool")
+        self.dense = L.dense(num_classes, role="last", name=f"exit{split}_logits")
+
+    def __call__(self, h, bits):
+        h = self.relu([self.bn([self.conv([h, bits]), bits]), bits])
+        return self.dense([self.pool(h), bits])
+
+
+class BitModel:
+    """The full Keras model plus its parts, sharing weights."""
+
+    def __init__(self, cfg: ModelConfig, stages: Sequence[Stage], default_exits: tuple[int, ...]):
+        self.cfg = cfg
+        self.stages = list(stages)
+        self.exits = tuple(default_exits if cfg.exits is None else cfg.exits)
+        for s in self.exits:
+            self._check_split(s)
+        L = LayerFactory(cfg)
+        self.exit_heads = {s: ExitHead(L, cfg.num_classes, s, int(self.feature_shape(s)[-1])) for s in self.exits}
+        image, bits = self._inputs()
+        h, outputs = image, {}
+        self._feature_shapes = {}
+        for i, stage in enumerate(self.stages, start=1):
+            h = stage(h, bits)
+            if i in self.exit_heads:
+                self._feature_shapes[i] = tuple(h.shape[1:])
+                outputs[f"exit{i}"] = self.exit_heads[i](h, bits)
+        outputs["logits"] = h
+        self.keras = tf.keras.Model([image, bits], outputs, name=cfg.family)
+
+    # -- parts ---------------------------------------------------------------------------------
+    @property
+    def num_splits(self) -> int:
+        return len(self.stages) - 1
+
+    def _check_split(self, split: int):
+        if not 1 <= split <= len(self.stages) - 1:
+            raise TfbitmetaError(f"split {split} does not exist: {self.cfg.family} has splits 1..{len(self.stages) - 1}")
+
+    def _check_exit(self, split: int):
+        if split not in self.exit_heads:
+            raise TfbitmetaError(f"exit {split} does not exist; the model has exits at {list(self.exits) or 'none'}")
+
+    def _inputs(self, shape=None, name="image"):
+        shape = tuple(self.cfg.input_shape) if shape is None else shape
+        return tf.keras.Input(shape, name=name), tf.keras.Input((2,), name="bits")
+
+    def feature_shape(self, split: int) -> tuple:
+        self._check_split(split)
+        image, bits = self._inputs()
+        h = image
+        for stage in self.stages[:split]:
+            h = stage(h, bits)
+        return tuple(h.shape[1:])
+
+    def extractor(self, split: int) -> tf.keras.Model:
+        self._check_split(split)
+        image, bits = self._inputs()
+        h = image
+        for stage in self.stages[:split]:
+            h = stage(h, bits)
+        return tf.keras.Model([image, bits], h, name=f"extractor{split}")
+
+    def exit_head(self, split: int) -> tf.keras.Model:
+        self._check_exit(split)
+        feats, bits = self._inputs(self.feature_shape(split), name="features")
+        return tf.keras.Model([feats, bits], self.exit_heads[split](feats, bits), name=f"exit{split}")
+
+    def backend(self, split: int) -> tf.keras.Model:
+        self._check_split(split)
+        feats, bits = self._inputs(self.feature_shape(split), name="features")
+        h = feats
+        for stage in self.stages[split:]:
+            h = stage(h, bits)
+        return tf.keras.Model([feats, bits], h, name=f"backend{split}")
+
+    def front_end(self, split: int) -> tf.keras.Model:
+        """Extractor + early-exit head: the device part, outputs ``{"exit": logits, "features": h}``."""
+        self._check_exit(split)
+        image, bits = self._inputs()
+        h = image
+        for stage in self.stages[:split]:
+            h = stage(h, bits)
+        return tf.keras.Model([image, bits], {"exit": self.exit_heads[split](h, bits), "features": h},
+                              name=f"front_end{split}")
+
+    def count_params(self) -> int:
+        return int(sum(math.prod(w.shape) for w in self.keras.trainable_weights))

@@ -1,0 +1,151 @@
+"""Bitwidth configurations: the meta-learning tasks of MEBQAT.
+
+A configuration is a pair ``(w, a)`` of weight and activation bits applied to every intermediate layer.
+Full precision is encoded as :data:`FP` (32).  Inside a model the pair travels as a float tensor of shape
+``(batch, 2)`` (the ``bits`` model input), so changing the bitwidth never retraces a ``tf.function``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from tfbitmeta.errors import TfbitmetaError
+
+FP = 32
+"""Full precision (float32) as a bitwidth value."""
+
+MAX_BITS = FP
+"""Bit values are integers in ``1..MAX_BITS``; lookup tables in the layers have ``MAX_BITS + 1`` entries."""
+
+DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, FP)
+"""The reference's candidate set for the Yu21/DoReFa scheme (1-bit included)."""
+
+Config = tuple[int, int]
+
+
+def bit_name(b: int) -> str:
+    return "fp" if b == FP else str(b)
+
+
+def config_name(cfg: Config) -> str:
+    w, a = cfg
+    return bit_name(w) if w == a else f"w{bit_name(w)}a{bit_name(a)}"
+
+
+def parse_bit(token: str) -> int:
+    t = token.strip().lower()
+    if t in ("fp", "fp32", "32", "float", "none"):
+        return FP
+    try:
+        b = int(t)
+    except ValueError:
+        raise TfbitmetaError(f"bad bitwidth {token!r}: use an integer 1-16 or 'fp'") from None
+    if not 1 <= b <= 16:
+        raise TfbitmetaError(f"bad bitwidth {token!r}: use an integer 1-16 or 'fp'")
+    return b
+
+
+def parse_config(token: str) -> Config:
+    """``'4'`` -> (4, 4); ``'4/8'`` or ``'w4a8'`` -> (4, 8); ``'fp'`` -> (FP, FP)."""
+    t = token.strip().lower()
+    if t.startswith("w") and "a" in t:
+        w, a = t[1:].split("a", 1)
+        return parse_bit(w), parse_bit(a)
+    if "/" in t:
+        w, a = t.split("/", 1)
+        return parse_bit(w), parse_bit(a)
+    b = parse_bit(t)
+    return b, b
+
+
+def is_valid_pair(w: int, a: int) -> bool:
+    """The reference's rejection rules (mebqat-spec §1.1)."""
+    if w == FP and a != FP:
+        return False
+    if w == 1 and a not in (1, FP):
+        return False
+    if w != 1 and a == 1:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class BitSpace:
+    """The candidate bitwidths a model supports.
+
+    ``bits`` are the per-tensor candidates (weights and activations share them).  With ``w_eq_a`` only the
+    diagonal pairs ``(b, b)`` are configurations; otherwise every pair allowed by :func:`is_valid_pair`
+    (75 for the default candidates, as in the reference).
+    """
+
+    bits: tuple[int, ...] = DEFAULT_BITS
+    w_eq_a: bool = False
+
+    def __post_init__(self):
+        bits = tuple(sorted(set(int(b) for b in self.bits)))
+        for b in bits:
+            if not (1 <= b <= 16 or b == FP):
+                raise TfbitmetaError(f"bad candidate bitwidth {b}: use 1-16 or fp")
+        if not bits:
+            raise TfbitmetaError("the candidate bitwidth set is empty")
+        object.__setattr__(self, "bits", bits)
+
+    @property
+    def configs(self) -> list[Config]:
+        if self.w_eq_a:
+            return [(b, b) for b in self.bits]
+        return [(w, a) for w in self.bits for a in self.bits if is_valid_pair(w, a)]
+
+    @property
+    def diagonal(self) -> list[Config]:
+        """The uniform ``w = a`` configurations, the usual evaluation table."""
+        return [(b, b) for b in self.bits]
+
+    def slot(self, cfg: Config) -> int:
+        return self.configs.index(tuple(cfg))
+
+    def slot_table(self) -> np.ndarray:
+        """``table[w, a]`` = slot index of configuration (w, a), or -1; shape (MAX_BITS+1, MAX_BITS+1)."""
+        table = np.full((MAX_BITS + 1, MAX_BITS + 1), -1, dtype=np.int32)
+        for i, (w, a) in enumerate(self.configs):
+            table[w, a] = i
+        return table
+
+    def check(self, cfg: Config) -> Config:
+        cfg = (int(cfg[0]), int(cfg[1]))
+        if cfg not in self.configs:
+            raise TfbitmetaError(
+                f"bitwidth {config_name(cfg)} is not in the model's candidate set "
+                f"({', '.join(config_name(c) for c in self.diagonal)}"
+                f"{'' if self.w_eq_a else ' and their valid (w,a) pairs'})"
+            )
+        return cfg
+
+    def parse(self, spec: str | Iterable[str]) -> list[Config]:
+        """Parse a CLI list such as ``'all'``, ``'2,4,8,fp'`` or ``'4/8,fp'`` and check each against the set."""
+        tokens = spec.split(",") if isinstance(spec, str) else list(spec)
+        if len(tokens) == 1 and tokens[0].strip().lower() == "all":
+            return self.diagonal
+        if len(tokens) == 1 and tokens[0].strip().lower() == "pairs":
+            return self.configs
+        return [self.check(parse_config(t)) for t in tokens if t.strip()]
+
+    def to_config(self) -> dict:
+        return {"bits": list(self.bits), "w_eq_a": self.w_eq_a}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "BitSpace":
+        return cls(bits=tuple(cfg["bits"]), w_eq_a=bool(cfg.get("w_eq_a", False)))
+
+
+def bits_tensor(cfg: Config, batch: int):
+    """The ``bits`` model input for one configuration: float32 of shape ``(batch, 2)``."""
+    import tensorflow as tf
+
+    return tf.tile(tf.constant([[cfg[0], cfg[1]]], tf.float32), [batch, 1])
+
+
+def configs_array(configs: Sequence[Config]) -> np.ndarray:
+    return np.asarray(configs, dtype=np.float32).reshape(-1, 2)
