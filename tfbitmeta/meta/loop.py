@@ -112,6 +112,7 @@ class Trainer:
         self.train_step = make_train_step(self.model, self.optimizer, method.distill, cfg.exit_weight, cfg.clip,
                                           bitmodel.cfg.input_shape)
         self.val = eval_batches(splits.x_val, splits.y_val, norm)
+        self.val_predictor = Predictor(self.model, "batch")
 
     def restore(self) -> int:
         if self.manager.latest_checkpoint is None:
@@ -122,7 +123,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Validation accuracy (final head) at the method's evaluation configurations, batch-statistics BN."""
-        p = Predictor(self.model, "batch")
+        p = self.val_predictor
         return {config_name(c): p.accuracy(self.val, c)["logits"] for c in self.method.eval_configs}
 
     def fit(self, resume: bool = False) -> FitResult:

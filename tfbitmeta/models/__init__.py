@@ -4,6 +4,8 @@ from __future__ import annotations
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.models import mobilenet_v2, preact_resnet, svhn_cnn
 from tfbitmeta.models.base import BitModel, ModelConfig  # noqa: F401
+from tfbitmeta.models.dropout import CheckpointedDropout
+from tfbitmeta.quant.layers import CUSTOM_OBJECTS as _QUANT_OBJECTS
 
 FAMILIES = {
     "svhn_cnn": svhn_cnn.build,
@@ -23,3 +25,6 @@ def build(cfg: ModelConfig) -> BitModel:
 def min_input_size(family: str) -> int:
     """The smallest input side a family accepts (others work on any size)."""
     return svhn_cnn.MIN_SIZE if family == "svhn_cnn" else 1
+
+CUSTOM_OBJECTS = {**_QUANT_OBJECTS, "CheckpointedDropout": CheckpointedDropout}
+"""Everything ``tf.keras.models.load_model`` needs to reload a tfbitmeta model."""

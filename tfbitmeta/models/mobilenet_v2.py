@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfbitmeta.models.base import BitModel, LayerFactory, ModelConfig, Stage
+from tfbitmeta.models.dropout import CheckpointedDropout
 
 # (expansion t, channels c, repeats n, stride s)
 BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -51,8 +52,7 @@ def build(cfg: ModelConfig) -> BitModel:
     last_c = _divisible(1280 * max(1.0, alpha))
     h_conv, h_bn, h_relu = L.conv(last_c, 1, name="head_conv"), L.bn(name="head_bn"), L.relu(role="last", name="head_relu")
     gap = tf.keras.layers.GlobalAveragePooling2D(name="head_pool")
-    drop = tf.keras.layers.Dropout(0.2 if cfg.dropout is None else cfg.dropout, seed=2, force_generator=True,
-                                   name="head_dropout")
+    drop = CheckpointedDropout(0.2 if cfg.dropout is None else cfg.dropout, seed=2, name="head_dropout")
     fc = L.dense(cfg.num_classes, role="last", name="logits")
     stages.append(Stage("head", lambda h, b: fc([drop(gap(h_relu([h_bn([h_conv([h, b]), b]), b]))), b])))
     return BitModel(cfg, stages, default_exits=(4,))

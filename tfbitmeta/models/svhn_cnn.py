@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.models.base import BitModel, LayerFactory, ModelConfig, Stage
+from tfbitmeta.models.dropout import CheckpointedDropout
 
 MIN_SIZE = 24
 
@@ -45,8 +46,7 @@ def build(cfg: ModelConfig) -> BitModel:
         conv_bn_relu("s5", 16 * ep, "same"),
         conv_bn_relu("s6", 16 * ep, "valid"),
     ]
-    drop = tf.keras.layers.Dropout(0.5 if cfg.dropout is None else cfg.dropout, seed=1, force_generator=True,
-                                   name="head_dropout")
+    drop = CheckpointedDropout(0.5 if cfg.dropout is None else cfg.dropout, seed=1, name="head_dropout")
     c7 = L.conv(64 * ep, final_k, padding="valid", name="head_conv")
     r7 = L.relu(role="last", name="head_relu")
     flat = tf.keras.layers.Flatten(name="head_flatten")

@@ -1,0 +1,50 @@
+"""Model families and their parts: front end + backend reproduce the full model; bad splits are refused."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.models import ModelConfig, build
+from tfbitmeta.quant import BitSpace, bits_tensor
+from tfbitmeta.quant.bitwidth import FP
+
+FAMILIES = [("svhn_cnn", (24, 24, 1), 1), ("preact_resnet20", (8, 8, 1), 8), ("mobilenet_v2", (16, 16, 3), 0.25)]
+
+
+@pytest.mark.parametrize("family,shape,width", FAMILIES)
+def test_parts_compose_to_full_model(family, shape, width):
+    bm = build(ModelConfig(family=family, input_shape=shape, width=width, candidates=BitSpace((2, 4, FP)),
+                           bn_mode="batch", scheme="exact", first_last=8))
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32))
+    split = bm.exits[0]
+    for cfg in [(2, 2), (4, 4), (FP, FP)]:
+        b = bits_tensor(cfg, 3)
+        full = bm.keras([x, b], training=False)
+        fe = bm.front_end(split)([x, b], training=False)
+        np.testing.assert_allclose(fe["exit"].numpy(), full[f"exit{split}"].numpy(), atol=1e-4)
+        logits = bm.backend(split)([fe["features"], b], training=False)
+        np.testing.assert_allclose(logits.numpy(), full["logits"].numpy(), atol=1e-4)
+        np.testing.assert_allclose(bm.extractor(split)([x, b]).numpy(), fe["features"].numpy(), atol=1e-5)
+    # parts share the full model's weights (no copies)
+    assert {id(v) for v in bm.backend(split).trainable_variables} <= {id(v) for v in bm.keras.trainable_variables}
+
+
+def test_configurable_split_and_errors():
+    bm = build(ModelConfig(family="svhn_cnn", input_shape=(24, 24, 1), width=1, exits=(2, 5)))
+    assert set(bm.keras.output.keys()) == {"exit2", "exit5", "logits"}
+    assert bm.feature_shape(5)[-1] == 16
+    with pytest.raises(TfbitmetaError, match="exit 3 does not exist"):
+        bm.front_end(3)
+    with pytest.raises(TfbitmetaError, match="split 9 does not exist"):
+        bm.backend(9)
+    with pytest.raises(TfbitmetaError, match="at least 24"):
+        build(ModelConfig(family="svhn_cnn", input_shape=(8, 8, 1)))
+    with pytest.raises(TfbitmetaError, match="unknown model"):
+        build(ModelConfig(family="vgg"))
+
+
+def test_svhn_cnn_reference_shape_and_size():
+    """ep=2 at the reference's 40x40x3 input: 8 conv/FC layers, ~132k parameters (mebqat-spec §4)."""
+    bm = build(ModelConfig(family="svhn_cnn", input_shape=(40, 40, 3), width=2, exits=()))
+    n = sum(int(np.prod(v.shape)) for v in bm.keras.trainable_variables if "gamma" not in v.name and "beta" not in v.name)
+    assert 125_000 < n < 140_000
