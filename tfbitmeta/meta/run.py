@@ -120,7 +120,7 @@ def restore_weights(model: tf.keras.Model, directory: Path, **extra) -> str:
         raise TfbitmetaError(f"no checkpoint in {directory}")
     try:
         tf.train.Checkpoint(model=model, **extra).restore(latest).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError) as e:  # IndexError: truncated data file
         msg = str(e).strip().splitlines()[0][:200]
         raise TfbitmetaError(f"corrupt or incompatible checkpoint {latest}: {msg}") from None
     return latest

@@ -37,9 +37,10 @@ def set_determinism(seed: int):
 
 def prepare(out: Path, tcfg: TrainConfig, mopts: ModelOptions, resume: bool = False):
     """Load data, build the model and the method; write or read run.json.  Returns (run, trainer parts)."""
+    if resume:
+        meta = RunDir(out).read_meta()  # before creating anything in --out
     run = RunDir(check_writable(out))
     if resume:
-        meta = run.read_meta()
         tcfg = TrainConfig.from_dict(meta["train"])
         mcfg = ModelConfig.from_dict(meta["model"])
         norm = Normalization.from_dict(meta["normalization"])
