@@ -122,8 +122,10 @@ class BitModel:
         image, bits = self._inputs()
         h, outputs = image, {}
         self._feature_shapes = {}
+        self.boundaries = {}  # split -> the stage's output tensor in the full model (export cuts here)
         for i, stage in enumerate(self.stages, start=1):
             h = stage(h, bits)
+            self.boundaries[i] = h
             if i in self.exit_heads:
                 self._feature_shapes[i] = tuple(h.shape[1:])
                 outputs[f"exit{i}"] = self.exit_heads[i](h, bits)

@@ -1,0 +1,190 @@
+"""The trained Keras model at one static bitwidth, as a float graph with FakeQuant ops the TFLite converter
+turns into integer kernels.
+
+The graph is produced by interpreting the functional model layer by layer (so it works for every family and
+for any cut: front end, backend, full) with these rules:
+
+* quantized conv / dense: kernel = integer codes x per-channel scale from the layer's scheme at the static
+  bitwidth, with the following BatchNorm (calibrated statistics of that configuration) folded in -- folding
+  multiplies each channel's scale, so the codes stay the same integers.  Emitted as
+  ``fake_quant_with_min_max_vars_per_channel`` in a 4-bit container for 1-4 bit (INT4 in the file; codes of
+  1-3 bit fit exactly inside it, which avoids the 3-bit zero-point failure of stack-facts §2.3) and an 8-bit
+  container for 5-8 bit.
+* ReLU + k-bit activation: ``FakeQuant(min=0, max=255/n, 8 bit)`` then ``min(., 1)`` -- an 8-bit tensor with
+  scale 1/n holds the k-bit grid ``j/n`` exactly (n = 2^k - 1).  The quantization is applied *before* a
+  max-pool that precedes it (max-pool commutes with clip and round), so the conv writes the grid directly.
+* everything else (pooling, add, flatten, dense logits) keeps its Keras op; the converter calibrates those
+  tensors on representative data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.models.dropout import CheckpointedDropout
+from tfbitmeta.quant.bitwidth import FP, Config
+from tfbitmeta.quant.layers import BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QReLU
+
+QUANT_LAYERS = (QConv2D, QDense, QDepthwiseConv2D)
+
+
+def container_bits(bits: int) -> int:
+    """The integer type a k-bit weight is stored in: INT4 for 1-4 bit, INT8 for 5-8 bit."""
+    if bits <= 4:
+        return 4
+    if bits <= 8:
+        return 8
+    raise TfbitmetaError(f"{bits}-bit weights have no integer TFLite container; export fp or 1-8 bit")
+
+
+def _producer(kt):
+    return kt._keras_history.layer
+
+
+def _inputs_of_tensor(kt):
+    """The Keras tensors the node that produced ``kt`` consumed (layers are called in several graphs)."""
+    layer, node_index, _ = kt._keras_history
+    return layer.inbound_nodes[node_index].keras_inputs
+
+
+def _consumers(layer, model):
+    """Layers of ``model`` that consume ``layer``'s output."""
+    names = {id(m) for m in model.layers}
+    found = {id(n.outbound_layer): n.outbound_layer for n in layer.outbound_nodes if id(n.outbound_layer) in names}
+    return list(found.values())
+
+
+class ExportGraph:
+    """Evaluates Keras tensors of ``model`` at configuration ``cfg`` with export semantics."""
+
+    def __init__(self, model: tf.keras.Model, cfg: Config):
+        self.model, self.cfg = model, (int(cfg[0]), int(cfg[1]))
+        self.fp = self.cfg == (FP, FP)
+        self.bits_value = np.array([[float(self.cfg[0]), float(self.cfg[1])]], np.float32)
+        # everything numeric is computed eagerly here; evaluate() may then run inside a tf.function
+        self._kernels, self._act_bits, self._affine = {}, {}, {}
+        for layer in model.layers:
+            if isinstance(layer, QUANT_LAYERS):
+                self._kernels[id(layer)] = self._kernel_arrays(layer)
+            elif isinstance(layer, QReLU):
+                self._act_bits[id(layer)] = int(layer.act_bits(tf.constant(self.bits_value)).numpy())
+            elif isinstance(layer, BitBatchNorm):
+                self._affine[id(layer)] = self._bn_affine(layer)
+
+    # -- static bitwidth of a layer -----------------------------------------------------------------
+    def weight_bits(self, layer) -> int:
+        return int(layer.weight_bits(tf.constant(self.bits_value)).numpy())
+
+    # -- folded, quantized kernels --------------------------------------------------------------------
+    def _bn_affine(self, bn: BitBatchNorm):
+        slot = bn.candidates.slot(self.cfg)
+        var = bn.moving_variance.numpy()[slot]
+        a = bn.gamma.numpy() / np.sqrt(var + bn.epsilon)
+        return a, bn.beta.numpy() - bn.moving_mean.numpy()[slot] * a
+
+    def _folded_bn(self, layer):
+        cons = _consumers(layer, self.model)
+        if len(cons) == 1 and isinstance(cons[0], BitBatchNorm):
+            return cons[0]
+        return None
+
+    def _kernel_arrays(self, layer):
+        """Folded float kernel, bias, per-channel scale (None at FP) and container bits, as numpy."""
+        is_dw = isinstance(layer, QDepthwiseConv2D)
+        w = (layer.depthwise_kernel if is_dw else layer.kernel).numpy()
+        out_ch = w.shape[-2] * w.shape[-1] if is_dw else w.shape[-1]
+        axes = [0, 1] if is_dw else list(range(w.ndim - 1))
+        bias = layer.bias.numpy() if layer.use_bias else np.zeros(out_ch, np.float32)
+        bits = self.weight_bits(layer)
+        bn = self._folded_bn(layer)
+        a, b = self._bn_affine(bn) if bn is not None else (np.ones(out_ch, np.float32), np.zeros(out_ch, np.float32))
+        bias = bias * a + b
+        if bits >= FP:
+            wq, scale = w, None
+        else:
+            codes, s = layer.scheme.codes(tf.constant(w), tf.constant(float(bits)), axes)
+            codes, s = codes.numpy(), s.numpy()
+            wq = codes * s
+        shape = w.shape
+        flat = wq.reshape(*shape[:2], 1, out_ch) if is_dw else wq
+        flat = flat * a.reshape([1] * (flat.ndim - 1) + [-1])
+        if isinstance(layer, QDense):
+            flat = flat.reshape(1, 1, *flat.shape)  # exported as a 1x1 conv (see apply)
+        scale = np.abs(s).reshape(-1) * np.abs(a) if bits < FP else None
+        cb = container_bits(bits) if bits < FP else None
+        return flat.astype(np.float32), bias.astype(np.float32), scale, cb, shape
+
+    def kernel(self, layer):
+        """(kernel tensor, bias) for a quantized layer: a FakeQuant per channel on the folded integer grid."""
+        flat, bias, scale, cb, shape = self._kernels[id(layer)]
+        if scale is None:
+            kt = tf.constant(flat)
+        else:
+            m = 2 ** (cb - 1) - 1
+            kt = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                tf.constant(flat), min=tf.constant((-m * scale).astype(np.float32)),
+                max=tf.constant((m * scale).astype(np.float32)), num_bits=cb, narrow_range=True)
+        if isinstance(layer, QDepthwiseConv2D):
+            kt = tf.reshape(kt, shape)
+        return kt, bias
+
+    # -- activations ------------------------------------------------------------------------------------
+    def act_quant(self, layer: QReLU, x):
+        bits = self._act_bits[id(layer)]
+        if bits >= FP:
+            return tf.nn.relu(x)
+        n = 2.0 ** bits - 1.0
+        y = tf.quantization.fake_quant_with_min_max_args(x, min=0.0, max=255.0 / n, num_bits=8)
+        if n != 255.0:
+            y = tf.quantization.fake_quant_with_min_max_args(tf.minimum(y, 1.0), min=0.0, max=255.0 / n, num_bits=8)
+        return y
+
+    # -- interpreter ------------------------------------------------------------------------------------
+    def evaluate(self, outputs: dict, given: dict):
+        """``outputs``: name -> Keras tensor; ``given``: id(Keras tensor) -> tf tensor (the graph's inputs)."""
+        memo = dict(given)
+
+        def ev(kt):
+            key = id(kt)
+            if key in memo:
+                return memo[key]
+            layer = _producer(kt)
+            if isinstance(layer, tf.keras.layers.InputLayer):
+                if layer.name == "bits":
+                    return tf.constant(self.bits_value)
+                raise TfbitmetaError(f"export: no value for input {layer.name!r}")
+            ins = _inputs_of_tensor(kt)
+            memo[key] = self.apply(layer, ins, ev)
+            return memo[key]
+
+        return {k: ev(v) for k, v in outputs.items()}
+
+    def apply(self, layer, ins, ev):
+        if isinstance(layer, QUANT_LAYERS):
+            x = ev(ins[0])
+            k, bias = self.kernel(layer)
+            if isinstance(layer, QDense):
+                # as a 1x1 conv: TF 2.14's converter rejects per-channel FULLY_CONNECTED weights ("mismatched
+                # quantized axes" on the transpose); CONV_2D keeps the per-output-channel integer grid
+                y = tf.reshape(tf.nn.conv2d(tf.reshape(x, [-1, 1, 1, x.shape[-1]]), k, 1, "VALID"), [-1, k.shape[-1]])
+            elif isinstance(layer, QDepthwiseConv2D):
+                y = tf.nn.depthwise_conv2d(x, k, strides=(1,) + layer.strides + (1,), padding=layer.padding.upper())
+            else:
+                y = tf.nn.conv2d(x, k, strides=layer.strides, padding=layer.padding.upper())
+            return tf.nn.bias_add(y, bias)
+        if isinstance(layer, BitBatchNorm):
+            x = ev(ins[0])
+            if isinstance(_producer(ins[0]), QUANT_LAYERS) and self._folded_bn(_producer(ins[0])) is layer:
+                return x  # folded into the conv
+            a, b = self._affine[id(layer)]
+            return x * a + b
+        if isinstance(layer, QReLU):
+            src = _producer(ins[0])
+            if isinstance(src, tf.keras.layers.MaxPool2D):  # quantize first: the conv writes the grid directly
+                return src(self.act_quant(layer, ev(_inputs_of_tensor(ins[0])[0])))
+            return self.act_quant(layer, ev(ins[0]))
+        if isinstance(layer, (CheckpointedDropout, tf.keras.layers.Dropout)):
+            return ev(ins[0])
+        args = [ev(t) for t in ins]
+        return layer(args if len(args) > 1 else args[0], training=False)
