@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
     from tfbitmeta.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--steps", "30", "--batch-size", "32",
-                                  "--bits", "2,4,8,fp", "--limit-train", "320", "--out", str(out), "--quiet"])
+    r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--steps", "200", "--batch-size", "32",
+                                  "--bits", "2,4,8,fp", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     return out

@@ -125,5 +125,34 @@ def evaluate(run, bits, batch_size, out, as_json):
     click.echo(json.dumps(result["rows"], indent=2) if as_json else format_table(result["rows"]))
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--bits", default="2,4,8,fp", show_default=True, help="bitwidths to export (w=a), e.g. '2,4,8,fp' or 'all'")
+@click.option("--exits", default="all", show_default=True, help="early-exit heads (split numbers) or 'all'")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="output folder for .tflite files + manifest.json")
+@click.option("--verify/--no-verify", default=False, show_default=True,
+              help=f"compare every file with the Keras model on test images; fail below the parity target")
+@click.option("--verify-images", type=click.IntRange(10), default=1000, show_default=True)
+@click.option("--float16", is_flag=True, help="export full precision as float16 instead of float32")
+@click.option("--no-latency", is_flag=True, help="skip the batch-1 latency measurement")
+@user_errors
+def convert(run, bits, exits, out, verify, verify_images, float16, no_latency):
+    """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest."""
+    from tfbitmeta.export.convert import AGREEMENT_TARGET, export
+
+    manifest = export(run, bits, exits, out, verify=verify, float16=float16, n_verify=verify_images,
+                      measure_latency=not no_latency, progress=lambda m: click.echo(m, err=True))
+    rows = []
+    for f in manifest["files"]:
+        v = f.get("verify") or {}
+        rows.append(f"{f['path']:<28} {f['bytes']:>9} B  {f['weights']:<9}"
+                    + (f"  agreement {100 * v['top1_agreement']:.2f}%  max|dp| {v['max_abs_dprob']:.4f}" if v else ""))
+    click.echo("\n".join(rows))
+    click.echo(f"wrote {len(manifest['files'])} files and {out / 'manifest.json'}")
+    failed = [f["path"] for f in manifest["files"] if f.get("verify") and not f["verify"]["passed"]]
+    if failed:
+        raise click.ClickException(f"parity below {100 * AGREEMENT_TARGET:.1f}% top-1 agreement: {', '.join(failed)}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

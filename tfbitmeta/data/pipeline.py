@@ -35,12 +35,17 @@ class Normalization:
     def from_dict(cls, d):
         return cls(**d)
 
-    def apply(self, x_uint8):
-        """uint8 (N, H, W, C) tensor -> normalized float32 at ``image_size``."""
-        x = tf.cast(x_uint8, tf.float32) * self.input_scale
+    def pixels(self, x_uint8):
+        """uint8 (N, H, W, C) -> float32 pixel values at ``image_size`` (bilinear resize rounded back to whole
+        pixel values, as a device resizing a uint8 bitmap would).  This is what exported front ends take."""
+        x = tf.cast(x_uint8, tf.float32)
         if list(x.shape[1:3]) != list(self.image_size):
-            x = tf.image.resize(x, self.image_size, method="bilinear")
-        return (x - tf.constant(self.mean)) / tf.constant(self.std)
+            x = tf.clip_by_value(tf.round(tf.image.resize(x, self.image_size, method="bilinear")), 0.0, 255.0)
+        return x
+
+    def apply(self, x_uint8):
+        """uint8 (N, H, W, C) tensor -> normalized float32 at ``image_size``: ``(pixels * scale - mean) / std``."""
+        return (self.pixels(x_uint8) * self.input_scale - tf.constant(self.mean)) / tf.constant(self.std)
 
     def model_input_shape(self, channels: int) -> tuple[int, int, int]:
         return (int(self.image_size[0]), int(self.image_size[1]), int(channels))

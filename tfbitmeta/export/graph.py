@@ -58,8 +58,16 @@ def _consumers(layer, model):
 class ExportGraph:
     """Evaluates Keras tensors of ``model`` at configuration ``cfg`` with export semantics."""
 
-    def __init__(self, model: tf.keras.Model, cfg: Config):
+    def __init__(self, model: tf.keras.Model, cfg: Config, normalization=None):
+        """With ``normalization``, the image input takes pixel values in [0, 255] and the normalization
+        ``(p * input_scale - mean) / std`` is folded into the first layer(s): the int8 input then holds the
+        pixels exactly, and with one channel the folded kernel keeps its integer codes (scale x 1/(255 std)).
+        Exact for 'valid' first convs; with 'same' padding the border pixels see a zero-pixel pad instead of a
+        zero-normalized one."""
         self.model, self.cfg = model, (int(cfg[0]), int(cfg[1]))
+        self.norm = normalization
+        image = model.inputs[0]
+        self._first = {id(n.outbound_layer) for n in image._keras_history.layer.outbound_nodes} if normalization else set()
         self.fp = self.cfg == (FP, FP)
         self.bits_value = np.array([[float(self.cfg[0]), float(self.cfg[1])]], np.float32)
         # everything numeric is computed eagerly here; evaluate() may then run inside a tf.function
@@ -89,6 +97,10 @@ class ExportGraph:
             return cons[0]
         return None
 
+    def weight_storage_bits(self, layer) -> int:
+        """Bits per stored weight of a layer in the exported file (container bits; 32 for float)."""
+        return self._kernels[id(layer)][3] or 32
+
     def _kernel_arrays(self, layer):
         """Folded float kernel, bias, per-channel scale (None at FP) and container bits, as numpy."""
         is_dw = isinstance(layer, QDepthwiseConv2D)
@@ -99,20 +111,38 @@ class ExportGraph:
         bits = self.weight_bits(layer)
         bn = self._folded_bn(layer)
         a, b = self._bn_affine(bn) if bn is not None else (np.ones(out_ch, np.float32), np.zeros(out_ch, np.float32))
-        bias = bias * a + b
         if bits >= FP:
             wq, scale = w, None
         else:
             codes, s = layer.scheme.codes(tf.constant(w), tf.constant(float(bits)), axes)
             codes, s = codes.numpy(), s.numpy()
             wq = codes * s
+        if id(layer) in self._first and not is_dw:
+            # fold (p * input_scale - mean) / std into the kernel: per input channel c, factor k_c = scale / std_c
+            std, mean = np.asarray(self.norm.std, np.float32), np.asarray(self.norm.mean, np.float32)
+            bias = bias - np.tensordot(wq.reshape(-1, wq.shape[-2], wq.shape[-1]).sum(0), mean / std, axes=([0], [0]))
+            k_c = np.float32(self.norm.input_scale) / std
+            wq = wq * k_c.reshape([1] * (wq.ndim - 2) + [-1, 1])
+            if bits < FP:
+                if np.allclose(k_c, k_c[0]):
+                    s = s * k_c[0]
+                else:  # channels with different std: no common grid; the converter re-quantizes this kernel
+                    s = np.abs(wq).max(axis=tuple(axes), keepdims=True) / (2 ** (container_bits(bits) - 1) - 1)
+        bias = bias * a + b
         shape = w.shape
         flat = wq.reshape(*shape[:2], 1, out_ch) if is_dw else wq
         flat = flat * a.reshape([1] * (flat.ndim - 1) + [-1])
         if isinstance(layer, QDense):
             flat = flat.reshape(1, 1, *flat.shape)  # exported as a 1x1 conv (see apply)
-        scale = np.abs(s).reshape(-1) * np.abs(a) if bits < FP else None
-        cb = container_bits(bits) if bits < FP else None
+        scale, cb = None, None
+        if bits < FP:
+            # codes c (|c| <= m) are stored as c*K with scale s/K, K = floor(M/m) for container maximum M: the
+            # same real weights, but TFLite quantizes the (folded) bias to int32 steps of s_in * s_w, and a K
+            # times finer weight scale makes that rounding K times smaller (it caused ~8 % activation flips at
+            # 2 bit with K = 1).
+            cb = container_bits(bits)
+            m = 1 if bits <= 1 else 2 ** (bits - 1) - 1
+            scale = np.abs(s).reshape(-1) * np.abs(a) / ((2 ** (cb - 1) - 1) // m)
         return flat.astype(np.float32), bias.astype(np.float32), scale, cb, shape
 
     def kernel(self, layer):
@@ -144,6 +174,7 @@ class ExportGraph:
     def evaluate(self, outputs: dict, given: dict):
         """``outputs``: name -> Keras tensor; ``given``: id(Keras tensor) -> tf tensor (the graph's inputs)."""
         memo = dict(given)
+        self.used = []  # quantized layers this graph contains (for the size report)
 
         def ev(kt):
             key = id(kt)
@@ -163,6 +194,7 @@ class ExportGraph:
     def apply(self, layer, ins, ev):
         if isinstance(layer, QUANT_LAYERS):
             x = ev(ins[0])
+            self.used.append(layer)
             k, bias = self.kernel(layer)
             if isinstance(layer, QDense):
                 # as a 1x1 conv: TF 2.14's converter rejects per-channel FULLY_CONNECTED weights ("mismatched

@@ -1,0 +1,332 @@
+"""``tfbitmeta convert``: one checkpoint -> TFLite files per bitwidth and exit, a manifest, and verification.
+
+Per (bitwidth, exit s):
+* ``front_<bits>_exit<s>.tflite`` -- device front end: normalized float32 image in, ``exit_probs`` and
+  ``features`` (the split-point tensor sent to the server on fallback) out; full-integer inside.
+* ``backend_<bits>_split<s>.tflite`` -- server backend: ``features`` in, ``probs`` out.
+Full precision is exported as float32 (optionally float16).  Files are written to a temporary folder and moved
+into place only when all of them converted, the manifest last.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tfbitmeta.data import datasets
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.graph import ExportGraph, container_bits
+from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
+from tfbitmeta.models import BitModel
+from tfbitmeta.quant.bitwidth import FP, Config, bits_tensor, config_name
+
+MANIFEST_VERSION = 1
+AGREEMENT_TARGET = 0.995
+
+
+def manifest_schema() -> dict:
+    return json.loads(resources.files("tfbitmeta.export").joinpath("manifest.schema.json").read_text())
+
+
+def validate_manifest(manifest: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(manifest, manifest_schema())
+
+
+# -- building and converting one part ------------------------------------------------------------------
+class Part(tf.Module):
+    """A tf.Module with one ``serve`` function: the export graph of a front end or a backend."""
+
+    def __init__(self, bm: BitModel, cfg: Config, kind: str, split: int, normalization):
+        super().__init__()
+        self.graph = ExportGraph(bm.keras, cfg, normalization if kind == "front_end" else None)
+        self.kind, self.split = kind, split
+        image = bm.keras.inputs[0]
+        feats_kt = bm.boundaries[split]
+        if kind == "front_end":
+            spec = tf.TensorSpec([None, *image.shape[1:]], tf.float32, name="image")
+
+            def serve(pixels):
+                # pin the input quantization to whole pixel values (scale 1): the int8 input is exact
+                x = tf.quantization.fake_quant_with_min_max_args(pixels, min=0.0, max=255.0, num_bits=8)
+                out = self.graph.evaluate({"exit": bm.keras.output[f"exit{split}"], "features": feats_kt}, {id(image): x})
+                return {"exit_probs": tf.nn.softmax(out["exit"]), "features": out["features"]}
+        else:
+            spec = tf.TensorSpec([None, *feats_kt.shape[1:]], tf.float32, name="features")
+
+            def serve(f):
+                out = self.graph.evaluate({"logits": bm.keras.output["logits"]}, {id(feats_kt): f})
+                return {"probs": tf.nn.softmax(out["logits"])}
+        self.serve = tf.function(serve, input_signature=[spec])
+
+
+def convert_part(part: Part, representative: np.ndarray, quantized: bool, float16: bool = False) -> bytes:
+    fn = part.serve.get_concrete_function()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn], part)
+    if quantized:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = lambda: ([representative[i:i + 1]] for i in range(len(representative)))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif float16:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    with _quiet():
+        return conv.convert()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The converter prints MLIR chatter on stdout/stderr at C++ level; keep the CLI readable."""
+    with open(os.devnull, "w") as devnull:
+        saved = os.dup(2)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+# -- inspecting a file -------------------------------------------------------------------------------------
+def _schema():
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return schema
+
+
+def inspect_tflite(buf: bytes) -> dict:
+    """Signature tensors (with the quantization of the int8 tensor behind each float output), weight types
+    and buffer bytes, read from the flatbuffer."""
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(buf, 0)
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    g = model.subgraphs[0]
+    producers = {o: op for op in g.operators for o in op.outputs}
+    opcode = {i: c.builtinCode if c.builtinCode else c.deprecatedBuiltinCode for i, c in enumerate(model.operatorCodes)}
+
+    def tensor(idx, name):
+        t = g.tensors[idx]
+        info = {"name": name, "shape": [int(d) for d in (t.shapeSignature if t.shapeSignature is not None else t.shape)],
+                "dtype": type_names[t.type].lower(), "quantization": None}
+        q = t.quantization
+        op = producers.get(idx)
+        if op is not None and opcode[op.opcodeIndex] == schema.BuiltinOperator.DEQUANTIZE:
+            src = g.tensors[op.inputs[0]]
+            q = src.quantization
+            info["quantization_dtype"] = type_names[src.type].lower()
+        if q is not None and q.scale is not None and len(q.scale) == 1:
+            info["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(q.zeroPoint[0]),
+                                    "dtype": info.pop("quantization_dtype", type_names[t.type].lower())}
+        info.pop("quantization_dtype", None)
+        return info
+
+    sig = model.signatureDefs[0]
+    inputs = [tensor(t.tensorIndex, t.name.decode()) for t in sig.inputs]
+    outputs = [tensor(t.tensorIndex, t.name.decode()) for t in sig.outputs]
+    weight_types, buffer_bytes = {}, 0
+    for t in g.tensors:
+        data = model.buffers[t.buffer].data
+        if data is not None and len(data) > 0:
+            buffer_bytes += len(data)
+            if t.shape is not None and len(t.shape) == 4:
+                name = type_names[t.type]
+                weight_types[name] = weight_types.get(name, 0) + 1
+    return {"signature": sig.signatureKey.decode(), "inputs": inputs, "outputs": outputs,
+            "weight_types": weight_types, "buffer_bytes": buffer_bytes}
+
+
+def analyzer_types(path: Path) -> set[str]:
+    """Tensor types as tf.lite.experimental.Analyzer reports them (the source of truth for INT4)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        tf.lite.experimental.Analyzer.analyze(model_path=str(path))
+    text = out.getvalue()
+    return {t for t in ("INT4", "INT8", "INT32", "FLOAT32", "FLOAT16") if f"type:{t}" in text.replace(" ", "")}
+
+
+def latency_ms(path: Path, threads: int, runs: int = 50) -> float:
+    it = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
+    runner = it.get_signature_runner()
+    name, detail = next(iter(runner.get_input_details().items()))
+    x = np.random.default_rng(0).normal(size=[1, *detail["shape_signature"][1:]]).astype(np.float32)
+    runner(**{name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner(**{name: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def run_tflite(buf_or_path, x: np.ndarray, batch: int = 256) -> dict:
+    it = tf.lite.Interpreter(model_path=str(buf_or_path)) if isinstance(buf_or_path, (str, Path)) else \
+        tf.lite.Interpreter(model_content=buf_or_path)
+    runner = it.get_signature_runner()
+    name = next(iter(runner.get_input_details()))
+    outs = [runner(**{name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+# -- the whole export --------------------------------------------------------------------------------------
+def exit_threshold(exit_probs: np.ndarray, final_acc: float, y: np.ndarray) -> float:
+    """Smallest confidence at which the exit head's accepted predictions are at least as accurate as the
+    full model (on validation data); 1.0 = always ask the server."""
+    conf, pred = exit_probs.max(-1), exit_probs.argmax(-1)
+    for t in np.round(np.arange(0.5, 1.0, 0.01), 2):
+        sel = conf >= t
+        if sel.sum() >= 10 and float(np.mean(pred[sel] == y[sel])) >= final_acc:
+            return float(t)
+    return 1.0
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def parse_exits(spec: str, bm: BitModel) -> list[int]:
+    if spec.strip().lower() == "all":
+        return list(bm.exits)
+    out = []
+    for t in spec.split(","):
+        try:
+            s = int(t)
+        except ValueError:
+            raise TfbitmetaError(f"bad exit {t!r}: use 'all' or split numbers like 3") from None
+        bm._check_exit(s)
+        out.append(s)
+    return out
+
+
+def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True, float16: bool = False,
+           n_verify: int = 1000, n_representative: int = 200, measure_latency: bool = True, progress=print) -> dict:
+    run = RunDir(run_path)
+    meta = run.read_meta()
+    bm = run.load_model("model" if (run.path / "model").exists() else "best")
+    configs = bm.cfg.candidates.parse(bits)
+    for cfg in configs:
+        if cfg != (FP, FP):
+            container_bits(max(cfg))  # refuses 16-bit with a clear message
+    splits_to_export = parse_exits(exits, bm)
+    if not splits_to_export:
+        raise TfbitmetaError("the model has no early-exit head to export")
+    out = check_writable(out)
+    norm = run.normalization()
+    tcfg = TrainConfig.from_dict(meta["train"])
+    data = datasets.load(tcfg.dataset, seed=tcfg.seed)
+    rep_pixels = norm.pixels(data.x_val[:n_representative]).numpy()
+    rep = norm.apply(data.x_val[:n_representative]).numpy()
+    xv, yv = norm.apply(data.x_val).numpy(), data.y_val
+    pt = norm.pixels(data.x_test[:n_verify]).numpy()
+    xt, yt = norm.apply(data.x_test[:n_verify]).numpy(), data.y_test[:n_verify]
+
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    files = []
+    try:
+        for cfg in configs:
+            quantized = cfg != (FP, FP)
+            b = bits_tensor(cfg, 1)
+            name = config_name(cfg)
+            for split in splits_to_export:
+                keras_val = bm.keras([xv, bits_tensor(cfg, len(xv))], training=False)
+                keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
+                feats_rep = bm.extractor(split)([rep, tf.tile(b, [len(rep), 1])], training=False).numpy()
+                for kind in ("front_end", "backend"):
+                    fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else f"backend_{name}_split{split}.tflite"
+                    progress(f"converting {fname}")
+                    part = Part(bm, cfg, kind, split, norm)
+                    buf = convert_part(part, rep_pixels if kind == "front_end" else feats_rep, quantized,
+                                       float16 and not quantized)
+                    path = tmp / fname
+                    path.write_bytes(buf)
+                    info = inspect_tflite(buf)
+                    limit = sum(int(np.prod((l.depthwise_kernel if hasattr(l, "depthwise_kernel") else l.kernel).shape))
+                                * part.graph.weight_storage_bits(l) / 8 + 4 * int(l.bias.shape[0] if l.use_bias else
+                                (l.kernel.shape[-1] if hasattr(l, "kernel") else l.depthwise_kernel.shape[-2]))
+                                for l in part.graph.used)
+                    entry = {
+                        "path": fname, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": name},
+                        "exit": split if kind == "front_end" else None, "split": split,
+                        "sha256": _sha256(path), "bytes": len(buf),
+                        "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
+                                   ("float16" if float16 else "float32"),
+                        "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
+                        "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
+                                 "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
+                                 "weight_types": info["weight_types"],
+                                 "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
+                    }
+                    if kind == "front_end":
+                        ev = tf.nn.softmax(keras_val[f"exit{split}"]).numpy()
+                        final_acc = float(np.mean(np.argmax(keras_val["logits"], -1) == yv))
+                        entry["exit_threshold"] = exit_threshold(ev, final_acc, yv)
+                    else:
+                        entry["exit_threshold"] = None
+                    if verify:
+                        entry["verify"] = _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test)
+                    if measure_latency:
+                        entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
+                    files.append(entry)
+            if verify:
+                _verify_pipeline(tmp, files, cfg, name, splits_to_export, pt, yt, keras_test)
+        manifest = {
+            "format": "tfbitmeta-manifest", "version": MANIFEST_VERSION, "created_by": "tfbitmeta convert",
+            "model": {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
+                      "num_classes": bm.cfg.num_classes, "exits": list(bm.exits),
+                      "candidate_bits": list(bm.cfg.candidates.bits), "params": bm.count_params()},
+            "labels": meta["dataset"]["class_names"],
+            "input": {"shape": [1, *bm.cfg.input_shape], "dtype": "float32",
+                      "normalization": {"formula": "front ends take pixels: round(resize(x_uint8)) as float32 in [0, 255]; "
+                                                   "(p * input_scale - mean) / std is folded into the first layer "
+                                                   "(Keras models and backends use the normalized values)",
+                                        "mean": norm.mean,
+                                        "std": norm.std, "source_dtype": norm.input_dtype,
+                                        "input_scale": norm.input_scale, "image_size": norm.image_size}},
+            "files": files,
+        }
+        validate_manifest(manifest)
+        for f in files:
+            os.replace(tmp / f["path"], out / f["path"])
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test) -> dict:
+    """``pt``: test pixels (what the front-end file takes), ``xt``: the same images normalized (Keras)."""
+    if kind == "front_end":
+        got = run_tflite(buf, pt)["exit_probs"]
+        ref = tf.nn.softmax(keras_test[f"exit{split}"]).numpy()
+    else:
+        feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
+        got = run_tflite(buf, feats)["probs"]
+        ref = tf.nn.softmax(keras_test["logits"]).numpy()
+    agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+    return {"images": int(len(xt)), "top1_agreement": agree, "max_abs_dprob": float(np.abs(got - ref).max()),
+            "tflite_accuracy": float(np.mean(got.argmax(-1) == yt)), "keras_accuracy": float(np.mean(ref.argmax(-1) == yt)),
+            "passed": agree >= AGREEMENT_TARGET}
+
+
+def _verify_pipeline(tmp, files, cfg, name, splits, pt, yt, keras_test):
+    """Features from the front-end file fed to the backend file vs the full Keras model."""
+    for split in splits:
+        front = run_tflite(tmp / f"front_{name}_exit{split}.tflite", pt)
+        probs = run_tflite(tmp / f"backend_{name}_split{split}.tflite", front["features"].astype(np.float32))["probs"]
+        ref = keras_test["logits"].numpy()
+        agree = float(np.mean(probs.argmax(-1) == ref.argmax(-1)))
+        for f in files:
+            if f["path"] == f"backend_{name}_split{split}.tflite":
+                f["verify"]["pipeline_top1_agreement"] = agree
+                f["verify"]["pipeline_accuracy"] = float(np.mean(probs.argmax(-1) == yt))
