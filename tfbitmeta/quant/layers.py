@@ -61,9 +61,16 @@ class _BitMixin:
     def _bit_config(self):
         return {"scheme": self.scheme_name, "precision": self.precision, "candidates": self.candidates.to_config()}
 
-    def _list_input_build(self, input_shape, parent_build):
-        parent_build(_x_shape(input_shape))
+    # Keras plumbing shared by the kernel layers: they are called on [x, bits] but shaped by x alone.
+    def build(self, input_shape):
+        super().build(_x_shape(input_shape))
         self.input_spec = None  # inputs are [x, bits]
+
+    def compute_output_shape(self, input_shape):
+        return super().compute_output_shape(_x_shape(input_shape))
+
+    def get_config(self):
+        return {**super().get_config(), **self._bit_config()}
 
 
 class QConv2D(_BitMixin, tf.keras.layers.Conv2D):
@@ -73,9 +80,6 @@ class QConv2D(_BitMixin, tf.keras.layers.Conv2D):
         kwargs.setdefault("kernel_initializer", pytorch_kernel_init())
         super().__init__(filters, kernel_size, **kwargs)
         self._init_bits(scheme, precision, candidates)
-
-    def build(self, input_shape):
-        self._list_input_build(input_shape, super().build)
 
     def quantized_kernel(self, bits):
         return self.scheme.quantize_weight(self.kernel, self.weight_bits(bits), [0, 1, 2])
@@ -87,21 +91,12 @@ class QConv2D(_BitMixin, tf.keras.layers.Conv2D):
             y = tf.nn.bias_add(y, self.bias)
         return self.activation(y)
 
-    def compute_output_shape(self, input_shape):
-        return super().compute_output_shape(_x_shape(input_shape))
-
-    def get_config(self):
-        return {**super().get_config(), **self._bit_config()}
-
 
 class QDepthwiseConv2D(_BitMixin, tf.keras.layers.DepthwiseConv2D):
     def __init__(self, kernel_size, scheme="dorefa", precision=ADAPTIVE, candidates=None, **kwargs):
         kwargs.setdefault("depthwise_initializer", pytorch_kernel_init())
         super().__init__(kernel_size, **kwargs)
         self._init_bits(scheme, precision, candidates)
-
-    def build(self, input_shape):
-        self._list_input_build(input_shape, super().build)
 
     def quantized_kernel(self, bits):
         return self.scheme.quantize_weight(self.depthwise_kernel, self.weight_bits(bits), [0, 1])
@@ -116,21 +111,12 @@ class QDepthwiseConv2D(_BitMixin, tf.keras.layers.DepthwiseConv2D):
             y = tf.nn.bias_add(y, self.bias)
         return self.activation(y)
 
-    def compute_output_shape(self, input_shape):
-        return super().compute_output_shape(_x_shape(input_shape))
-
-    def get_config(self):
-        return {**super().get_config(), **self._bit_config()}
-
 
 class QDense(_BitMixin, tf.keras.layers.Dense):
     def __init__(self, units, scheme="dorefa", precision=ADAPTIVE, candidates=None, **kwargs):
         kwargs.setdefault("kernel_initializer", pytorch_kernel_init())
         super().__init__(units, **kwargs)
         self._init_bits(scheme, precision, candidates)
-
-    def build(self, input_shape):
-        self._list_input_build(input_shape, super().build)
 
     def quantized_kernel(self, bits):
         return self.scheme.quantize_weight(self.kernel, self.weight_bits(bits), [0])
@@ -141,12 +127,6 @@ class QDense(_BitMixin, tf.keras.layers.Dense):
         if self.use_bias:
             y = tf.nn.bias_add(y, self.bias)
         return self.activation(y)
-
-    def compute_output_shape(self, input_shape):
-        return super().compute_output_shape(_x_shape(input_shape))
-
-    def get_config(self):
-        return {**super().get_config(), **self._bit_config()}
 
 
 class QReLU(_BitMixin, tf.keras.layers.Layer):
@@ -162,9 +142,6 @@ class QReLU(_BitMixin, tf.keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return _x_shape(input_shape)
-
-    def get_config(self):
-        return {**super().get_config(), **self._bit_config()}
 
 
 class BitBatchNorm(tf.keras.layers.Layer):
