@@ -238,9 +238,9 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
             quantized = cfg != (FP, FP)
             b = bits_tensor(cfg, 1)
             name = config_name(cfg)
+            keras_val = bm.keras([xv, bits_tensor(cfg, len(xv))], training=False)
+            keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
             for split in splits_to_export:
-                keras_val = bm.keras([xv, bits_tensor(cfg, len(xv))], training=False)
-                keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
                 feats_rep = bm.extractor(split)([rep, tf.tile(b, [len(rep), 1])], training=False).numpy()
                 for kind in ("front_end", "backend"):
                     fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else f"backend_{name}_split{split}.tflite"
@@ -251,10 +251,7 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
                     path = tmp / fname
                     path.write_bytes(buf)
                     info = inspect_tflite(buf)
-                    limit = sum(int(np.prod((l.depthwise_kernel if hasattr(l, "depthwise_kernel") else l.kernel).shape))
-                                * part.graph.weight_storage_bits(l) / 8 + 4 * int(l.bias.shape[0] if l.use_bias else
-                                (l.kernel.shape[-1] if hasattr(l, "kernel") else l.depthwise_kernel.shape[-2]))
-                                for l in part.graph.used)
+                    limit = part.graph.weight_limit_bytes()
                     entry = {
                         "path": fname, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": name},
                         "exit": split if kind == "front_end" else None, "split": split,

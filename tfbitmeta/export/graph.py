@@ -97,9 +97,14 @@ class ExportGraph:
             return cons[0]
         return None
 
-    def weight_storage_bits(self, layer) -> int:
-        """Bits per stored weight of a layer in the exported file (container bits; 32 for float)."""
-        return self._kernels[id(layer)][3] or 32
+    def weight_limit_bytes(self) -> int:
+        """Physical size of the weights of the layers in the last evaluated graph: kernel parameters x container
+        bits / 8 (32 for float), plus int32 biases."""
+        total = 0.0
+        for layer in self.used:
+            flat, bias, _, cb, _ = self._kernels[id(layer)]
+            total += flat.size * (cb or 32) / 8 + 4 * bias.size
+        return int(total)
 
     def _kernel_arrays(self, layer):
         """Folded float kernel, bias, per-channel scale (None at FP) and container bits, as numpy."""

@@ -199,14 +199,6 @@ def calibration_images(splits: Splits, norm: Normalization, cfg: TrainConfig, ba
     return [x[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def backward_passes_per_config(result: FitResult, method: Method) -> float:
-    return result.backward_passes / max(1, len(method.covered))
-
-
-def seconds_per_step(result: FitResult) -> float:
-    return result.seconds / max(1, result.steps)
-
-
 def checkpoint_bytes(directory: Path) -> int:
     return int(sum(p.stat().st_size for p in Path(directory).glob("*") if p.is_file() and p.name != "checkpoint"))
 
