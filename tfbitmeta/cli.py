@@ -131,7 +131,7 @@ def evaluate(run, bits, batch_size, out, as_json):
 @click.option("--exits", default="all", show_default=True, help="early-exit heads (split numbers) or 'all'")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="output folder for .tflite files + manifest.json")
 @click.option("--verify/--no-verify", default=False, show_default=True,
-              help=f"compare every file with the Keras model on test images; fail below the parity target")
+              help="compare every file with the Keras model on test images; fail below the parity target")
 @click.option("--verify-images", type=click.IntRange(10), default=1000, show_default=True)
 @click.option("--float16", is_flag=True, help="export full precision as float16 instead of float32")
 @click.option("--no-latency", is_flag=True, help="skip the batch-1 latency measurement")

@@ -9,7 +9,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.export.convert import AGREEMENT_TARGET, analyzer_types, export

@@ -15,7 +15,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.data import datasets
-from tfbitmeta.data.pipeline import eval_batches
 from tfbitmeta.meta.evaluate import Predictor, plot_accuracy
 from tfbitmeta.meta.run import RunDir, TrainConfig
 from tfbitmeta.meta.train import ModelOptions, train

@@ -69,7 +69,3 @@ def train_batches(x, y, norm: Normalization, batch_size: int, seed: int, epoch: 
 def eval_batches(x, y, norm: Normalization, batch_size: int = 256):
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
     return ds.map(lambda a, b: (norm.apply(a), b), num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(0, n // batch_size)

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.quant.bitwidth import Config, config_name
@@ -97,7 +96,3 @@ def plot_accuracy(rows_by_label: dict[str, list[dict]], path: Path, title: str, 
 def write_results(out: Path, rows: list[dict], meta: dict, title: str) -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot_accuracy({meta.get("method", "model"): rows}, out / "accuracy_vs_bits.png", title)
-
-
-def mean_accuracy(rows: list[dict], key="logits") -> float:
-    return float(np.mean([r[key] for r in rows]))

@@ -7,7 +7,7 @@ Full precision is encoded as :data:`FP` (32).  Inside a model the pair travels a
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -145,7 +145,3 @@ def bits_tensor(cfg: Config, batch: int):
     import tensorflow as tf
 
     return tf.tile(tf.constant([[cfg[0], cfg[1]]], tf.float32), [batch, 1])
-
-
-def configs_array(configs: Sequence[Config]) -> np.ndarray:
-    return np.asarray(configs, dtype=np.float32).reshape(-1, 2)
