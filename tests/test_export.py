@@ -97,3 +97,34 @@ def test_unknown_checkpoint_and_unwritable_out(tiny_run, tmp_path):
     blocker.write_text("")
     r = CliRunner().invoke(main, ["convert", str(tiny_run), "--out", str(blocker / "m")])
     assert r.exit_code == 1 and "cannot write to --out" in r.output
+
+
+def test_aligned_biases_put_folded_bias_on_the_int32_grid_and_restore(tiny_run):
+    from tfbitmeta.export.graph import ExportGraph, aligned_biases
+    from tfbitmeta.meta.run import RunDir
+
+    run = RunDir(tiny_run)
+    bm, norm = run.load_model(), run.normalization()
+    before = [v.numpy().copy() for v in bm.keras.variables]
+    report = []
+    with aligned_biases(bm.keras, (2, 2), norm, report=report):
+        g = ExportGraph(bm.keras, (2, 2), norm)
+        aligned = 0
+        for layer in bm.keras.layers:
+            if id(layer) in g._kernels and g.bias_grid(layer) is not None:
+                steps = g._kernels[id(layer)][1] / g.bias_grid(layer)
+                np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+                aligned += 1
+    assert len(report) >= 5 and aligned >= len(report)  # a layer without BN or bias has bias 0: on the grid already
+    assert all(r["max_bias_steps"] <= 0.5 + 1e-6 for r in report)
+    assert any(r["max_bias_steps"] > 0.05 for r in report)  # something actually moved
+    for v, b in zip(bm.keras.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_int8_weights_option_stores_low_bits_in_int8(tiny_run, tmp_path):
+    r = CliRunner().invoke(main, ["convert", str(tiny_run), "--bits", "2", "--out", str(tmp_path), "--int8-weights",
+                                  "--no-latency"])
+    assert r.exit_code == 0, r.output
+    types = analyzer_types(tmp_path / "front_2_exit3.tflite")
+    assert "INT4" not in types and "INT8" in types

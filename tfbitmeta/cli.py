@@ -134,13 +134,16 @@ def evaluate(run, bits, batch_size, out, as_json):
               help="compare every file with the Keras model on test images; fail below the parity target")
 @click.option("--verify-images", type=click.IntRange(10), default=1000, show_default=True)
 @click.option("--float16", is_flag=True, help="export full precision as float16 instead of float32")
+@click.option("--int8-weights", is_flag=True,
+              help="store 1-4 bit weights in INT8 instead of packed INT4: 2x the bytes, closer parity with Keras "
+                   "(TFLite's requantization error shrinks with the finer weight scale; benchmarks/README.md)")
 @click.option("--no-latency", is_flag=True, help="skip the batch-1 latency measurement")
 @user_errors
-def convert(run, bits, exits, out, verify, verify_images, float16, no_latency):
+def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights, no_latency):
     """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest."""
     from tfbitmeta.export.convert import AGREEMENT_TARGET, export
 
-    manifest = export(run, bits, exits, out, verify=verify, float16=float16, n_verify=verify_images,
+    manifest = export(run, bits, exits, out, verify=verify, float16=float16, int4=not int8_weights, n_verify=verify_images,
                       measure_latency=not no_latency, progress=lambda m: click.echo(m, err=True))
     rows = []
     for f in manifest["files"]:

@@ -21,10 +21,11 @@ def main():
     ap.add_argument("--out-models", default="runs/bench_export/models")
     ap.add_argument("--verify-images", type=int, default=10000)
     ap.add_argument("--out", default="benchmarks/results/tflite_export")
+    ap.add_argument("--int8-weights", action="store_true", help="1-4 bit weights in INT8 (tfbitmeta convert --int8-weights)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    manifest = export(Path(args.run), args.bits, "all", Path(args.out_models), verify=True,
+    manifest = export(Path(args.run), args.bits, "all", Path(args.out_models), verify=True, int4=not args.int8_weights,
                       n_verify=args.verify_images, measure_latency=True)
     models = Path(args.out_models)
     rows = []
@@ -62,9 +63,10 @@ def main():
                                                         if r["weights"] == "int8")},
     }
     out = {"command": f"uv run python tools/bench_export.py --run {args.run} --bits {args.bits} "
-                      f"--verify-images {args.verify_images}",
+                      f"--verify-images {args.verify_images} --out {args.out}"
+                      + (" --int8-weights" if args.int8_weights else ""),
            "tensorflow": tf.__version__, "seconds": round(time.perf_counter() - t0, 1), "summary": summary,
-           "rows": rows, "manifest_input": manifest["input"], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "rows": rows, "weights_1_to_4_bit": "int8" if args.int8_weights else "int4", "manifest_input": manifest["input"], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     p = Path(args.out)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.with_suffix(".json").write_text(json.dumps(out, indent=2))

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from tfbitmeta.data import datasets
 from tfbitmeta.errors import TfbitmetaError
-from tfbitmeta.export.graph import ExportGraph, container_bits
+from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
 from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
 from tfbitmeta.models import BitModel
 from tfbitmeta.quant.bitwidth import FP, Config, bits_tensor, config_name
@@ -49,9 +49,9 @@ def validate_manifest(manifest: dict) -> None:
 class Part(tf.Module):
     """A tf.Module with one ``serve`` function: the export graph of a front end or a backend."""
 
-    def __init__(self, bm: BitModel, cfg: Config, kind: str, split: int, normalization):
+    def __init__(self, bm: BitModel, cfg: Config, kind: str, split: int, normalization, int4: bool = True):
         super().__init__()
-        self.graph = ExportGraph(bm.keras, cfg, normalization if kind == "front_end" else None)
+        self.graph = ExportGraph(bm.keras, cfg, normalization if kind == "front_end" else None, int4)
         self.kind, self.split = kind, split
         image = bm.keras.inputs[0]
         feats_kt = bm.boundaries[split]
@@ -209,7 +209,7 @@ def parse_exits(spec: str, bm: BitModel) -> list[int]:
     return out
 
 
-def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True, float16: bool = False,
+def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True, float16: bool = False, int4: bool = True,
            n_verify: int = 1000, n_representative: int = 200, measure_latency: bool = True, progress=print) -> dict:
     run = RunDir(run_path)
     meta = run.read_meta()
@@ -235,48 +235,50 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
     files = []
     try:
         for cfg in configs:
-            quantized = cfg != (FP, FP)
-            b = bits_tensor(cfg, 1)
-            name = config_name(cfg)
-            keras_val = bm.keras([xv, bits_tensor(cfg, len(xv))], training=False)
-            keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
-            for split in splits_to_export:
-                feats_rep = bm.extractor(split)([rep, tf.tile(b, [len(rep), 1])], training=False).numpy()
-                for kind in ("front_end", "backend"):
-                    fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else f"backend_{name}_split{split}.tflite"
-                    progress(f"converting {fname}")
-                    part = Part(bm, cfg, kind, split, norm)
-                    buf = convert_part(part, rep_pixels if kind == "front_end" else feats_rep, quantized,
-                                       float16 and not quantized)
-                    path = tmp / fname
-                    path.write_bytes(buf)
-                    info = inspect_tflite(buf)
-                    limit = part.graph.weight_limit_bytes()
-                    entry = {
-                        "path": fname, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": name},
-                        "exit": split if kind == "front_end" else None, "split": split,
-                        "sha256": _sha256(path), "bytes": len(buf),
-                        "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
-                                   ("float16" if float16 else "float32"),
-                        "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
-                        "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
-                                 "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
-                                 "weight_types": info["weight_types"],
-                                 "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
-                    }
-                    if kind == "front_end":
-                        ev = tf.nn.softmax(keras_val[f"exit{split}"]).numpy()
-                        final_acc = float(np.mean(np.argmax(keras_val["logits"], -1) == yv))
-                        entry["exit_threshold"] = exit_threshold(ev, final_acc, yv)
-                    else:
-                        entry["exit_threshold"] = None
-                    if verify:
-                        entry["verify"] = _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test)
-                    if measure_latency:
-                        entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
-                    files.append(entry)
-            if verify:
-                _verify_pipeline(tmp, files, cfg, name, splits_to_export, pt, yt, keras_test)
+            alignment = []  # how far each folded bias moved onto the int32 grid (graph.aligned_biases)
+            with aligned_biases(bm.keras, cfg, norm, int4, alignment):
+                quantized = cfg != (FP, FP)
+                b = bits_tensor(cfg, 1)
+                name = config_name(cfg)
+                keras_val = bm.keras([xv, bits_tensor(cfg, len(xv))], training=False)
+                keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
+                for split in splits_to_export:
+                    feats_rep = bm.extractor(split)([rep, tf.tile(b, [len(rep), 1])], training=False).numpy()
+                    for kind in ("front_end", "backend"):
+                        fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else f"backend_{name}_split{split}.tflite"
+                        progress(f"converting {fname}")
+                        part = Part(bm, cfg, kind, split, norm, int4)
+                        buf = convert_part(part, rep_pixels if kind == "front_end" else feats_rep, quantized,
+                                           float16 and not quantized)
+                        path = tmp / fname
+                        path.write_bytes(buf)
+                        info = inspect_tflite(buf)
+                        limit = part.graph.weight_limit_bytes()
+                        entry = {
+                            "path": fname, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": name},
+                            "exit": split if kind == "front_end" else None, "split": split,
+                            "sha256": _sha256(path), "bytes": len(buf),
+                            "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
+                                       ("float16" if float16 else "float32"),
+                            "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
+                            "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
+                                     "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
+                                     "weight_types": info["weight_types"],
+                                     "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
+                        }
+                        if kind == "front_end":
+                            ev = tf.nn.softmax(keras_val[f"exit{split}"]).numpy()
+                            final_acc = float(np.mean(np.argmax(keras_val["logits"], -1) == yv))
+                            entry["exit_threshold"] = exit_threshold(ev, final_acc, yv)
+                        else:
+                            entry["exit_threshold"] = None
+                        if verify:
+                            entry["verify"] = _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test)
+                        if measure_latency:
+                            entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
+                        files.append(entry)
+                if verify:
+                    _verify_pipeline(tmp, files, cfg, name, splits_to_export, pt, yt, keras_test)
         manifest = {
             "format": "tfbitmeta-manifest", "version": MANIFEST_VERSION, "created_by": "tfbitmeta convert",
             "model": {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,

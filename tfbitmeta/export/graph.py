@@ -15,8 +15,17 @@ for any cut: front end, backend, full) with these rules:
   max-pool that precedes it (max-pool commutes with clip and round), so the conv writes the grid directly.
 * everything else (pooling, add, flatten, dense logits) keeps its Keras op; the converter calibrates those
   tensors on representative data.
+
+TFLite adds the (folded) bias in int32 steps of ``s_in * s_w``; a bias between two steps shifts every
+pre-activation by up to half a step and flips k-bit activations that lie that close to a rounding boundary.
+``aligned_biases`` moves each configuration's calibrated BN mean (or a config-independent layer bias) by at
+most half a step so the folded bias lies on that grid: the Keras model and the integer model then compute
+the same integers up to float rounding.  The shift is at most half an accumulator step of the layer input
+(see ``alignment_report``).
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import tensorflow as tf
@@ -29,9 +38,9 @@ from tfbitmeta.quant.layers import BitBatchNorm, QConv2D, QDense, QDepthwiseConv
 QUANT_LAYERS = (QConv2D, QDense, QDepthwiseConv2D)
 
 
-def container_bits(bits: int) -> int:
-    """The integer type a k-bit weight is stored in: INT4 for 1-4 bit, INT8 for 5-8 bit."""
-    if bits <= 4:
+def container_bits(bits: int, int4: bool = True) -> int:
+    """The integer type a k-bit weight is stored in: INT4 for 1-4 bit (INT8 with ``int4=False``), INT8 for 5-8."""
+    if bits <= 4 and int4:
         return 4
     if bits <= 8:
         return 8
@@ -55,16 +64,30 @@ def _consumers(layer, model):
     return list(found.values())
 
 
+_SCALE_PRESERVING = (tf.keras.layers.MaxPool2D, tf.keras.layers.Flatten, tf.keras.layers.Reshape,
+                     tf.keras.layers.Dropout, CheckpointedDropout)
+
+
+def _full_model_input(layer, model):
+    """The Keras tensor ``layer`` consumes in ``model``'s own graph (layers are called again by the parts)."""
+    names = {id(m) for m in model.layers}
+    for node in layer.inbound_nodes:
+        ins = node.keras_inputs
+        if ins and id(_producer(ins[0])) in names:
+            return ins[0]
+    return None
+
+
 class ExportGraph:
     """Evaluates Keras tensors of ``model`` at configuration ``cfg`` with export semantics."""
 
-    def __init__(self, model: tf.keras.Model, cfg: Config, normalization=None):
+    def __init__(self, model: tf.keras.Model, cfg: Config, normalization=None, int4: bool = True):
         """With ``normalization``, the image input takes pixel values in [0, 255] and the normalization
         ``(p * input_scale - mean) / std`` is folded into the first layer(s): the int8 input then holds the
         pixels exactly, and with one channel the folded kernel keeps its integer codes (scale x 1/(255 std)).
         Exact for 'valid' first convs; with 'same' padding the border pixels see a zero-pixel pad instead of a
         zero-normalized one."""
-        self.model, self.cfg = model, (int(cfg[0]), int(cfg[1]))
+        self.model, self.cfg, self.int4 = model, (int(cfg[0]), int(cfg[1])), int4
         self.norm = normalization
         image = model.inputs[0]
         self._first = {id(n.outbound_layer) for n in image._keras_history.layer.outbound_nodes} if normalization else set()
@@ -132,7 +155,7 @@ class ExportGraph:
                 if np.allclose(k_c, k_c[0]):
                     s = s * k_c[0]
                 else:  # channels with different std: no common grid; the converter re-quantizes this kernel
-                    s = np.abs(wq).max(axis=tuple(axes), keepdims=True) / (2 ** (container_bits(bits) - 1) - 1)
+                    s = np.abs(wq).max(axis=tuple(axes), keepdims=True) / (2 ** (container_bits(bits, self.int4) - 1) - 1)
         bias = bias * a + b
         shape = w.shape
         flat = wq.reshape(*shape[:2], 1, out_ch) if is_dw else wq
@@ -145,7 +168,7 @@ class ExportGraph:
             # same real weights, but TFLite quantizes the (folded) bias to int32 steps of s_in * s_w, and a K
             # times finer weight scale makes that rounding K times smaller (it caused ~8 % activation flips at
             # 2 bit with K = 1).
-            cb = container_bits(bits)
+            cb = container_bits(bits, self.int4)
             m = 1 if bits <= 1 else 2 ** (bits - 1) - 1
             scale = np.abs(s).reshape(-1) * np.abs(a) / ((2 ** (cb - 1) - 1) // m)
         return flat.astype(np.float32), bias.astype(np.float32), scale, cb, shape
@@ -163,6 +186,31 @@ class ExportGraph:
         if isinstance(layer, QDepthwiseConv2D):
             kt = tf.reshape(kt, shape)
         return kt, bias
+
+    # -- bias alignment ---------------------------------------------------------------------------------
+    def input_scale(self, layer):
+        """Scale of the int8 tensor a quantized layer reads, when the export fixes it: 1/n after a k-bit
+        activation (through max-pool / flatten / dropout), 1 for the pixel input; None when calibrated."""
+        kt = _full_model_input(layer, self.model)
+        while kt is not None:
+            src = _producer(kt)
+            if isinstance(src, QReLU):
+                bits = self._act_bits[id(src)]
+                return None if bits >= FP else 1.0 / (2.0 ** bits - 1.0)
+            if isinstance(src, tf.keras.layers.InputLayer):
+                return 1.0 if id(layer) in self._first else None
+            if not isinstance(src, _SCALE_PRESERVING):
+                return None
+            kt = _inputs_of_tensor(kt)[0]
+        return None
+
+    def bias_grid(self, layer):
+        """Per-channel int32 bias step ``s_in * s_w`` of ``layer`` in the integer model, or None."""
+        flat, bias, scale, cb, shape = self._kernels[id(layer)]
+        s_in = self.input_scale(layer)
+        if scale is None or s_in is None:
+            return None
+        return np.float32(s_in) * scale.astype(np.float32)
 
     # -- activations ------------------------------------------------------------------------------------
     def act_quant(self, layer: QReLU, x):
@@ -225,3 +273,48 @@ class ExportGraph:
             return ev(ins[0])
         args = [ev(t) for t in ins]
         return layer(args if len(args) > 1 else args[0], training=False)
+
+
+@contextlib.contextmanager
+def aligned_biases(model: tf.keras.Model, cfg: Config, normalization=None, int4: bool = True,
+                   report: list | None = None):
+    """Within the block, ``model`` at ``cfg`` has each folded bias on the TFLite int32 bias grid (module doc).
+
+    A BN-folded layer moves the BN mean of ``cfg``'s slot; a layer without BN moves its own bias (shared by
+    every configuration, hence export one configuration per block).  Variables are restored on exit.  ``report``
+    collects per layer the largest move in units of the bias step (<= 0.5) and of the BN standard deviation."""
+    g = ExportGraph(model, cfg, normalization, int4)
+    saved = []
+    try:
+        for layer in model.layers:
+            if not isinstance(layer, QUANT_LAYERS):
+                continue
+            grid = g.bias_grid(layer)
+            if grid is None:
+                continue
+            bias = g._kernels[id(layer)][1].astype(np.float64)
+            target = np.round(bias / grid) * grid
+            delta = target - bias
+            bn = g._folded_bn(layer)
+            if bn is not None:
+                a, _ = g._bn_affine(bn)
+                slot = bn.candidates.slot(g.cfg)
+                mean = bn.moving_mean.numpy()
+                saved.append((bn.moving_mean, mean.copy()))
+                mean[slot] = (mean[slot] - delta / a).astype(np.float32)
+                bn.moving_mean.assign(mean)
+                var = bn.moving_variance.numpy()[slot]
+                moved_std = float(np.max(np.abs(delta / a) / np.sqrt(var + bn.epsilon)))
+            elif layer.use_bias:
+                saved.append((layer.bias, layer.bias.numpy().copy()))
+                layer.bias.assign((layer.bias.numpy() + delta).astype(np.float32))
+                moved_std = None
+            else:
+                continue
+            if report is not None:
+                report.append({"layer": layer.name, "max_bias_steps": float(np.max(np.abs(delta / grid))),
+                               "max_bn_std": moved_std})
+        yield
+    finally:
+        for var, value in reversed(saved):
+            var.assign(value)
