@@ -1,0 +1,32 @@
+"""Modelled inference latency of the hybrid rule (harmony-design.md §6):
+
+    T_k = F_client / psi_k + offload_ratio * (feature_bits / R_uplink + F_server / psi_server + RTT)
+
+Client compute tiers cycle over the clients (low / mid / high effective GFLOP/s); the feature payload is the split
+tensor at the client's activation bitwidth (32 bit at full precision)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+SERVER_FLOPS_PER_IMAGE = 2.0 * (7 * 7 * 9 * 16 * 32 + 32 * 64 + 64 * 10)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    tiers_gflops: tuple = (1.0, 5.0, 20.0)
+    uplink_mbps: float = 10.0
+    rtt_ms: float = 20.0
+    server_gflops: float = 1000.0
+
+    def client_gflops(self, k: int) -> float:
+        return self.tiers_gflops[k % len(self.tiers_gflops)]
+
+    def mean_ms(self, k: int, client_flops: float, offload_ratio: float, feature_elements: int, bits: int) -> float:
+        local = client_flops / (self.client_gflops(k) * 1e9) * 1e3
+        payload_bits = feature_elements * min(bits, 32)
+        remote = payload_bits / (self.uplink_mbps * 1e6) * 1e3 + SERVER_FLOPS_PER_IMAGE / (self.server_gflops * 1e9) * 1e3 \
+            + self.rtt_ms
+        return local + offload_ratio * remote
+
+    def describe(self) -> dict:
+        return {"formula": "T = F_client/psi_k + offload * (feature_bits/R + F_server/psi_S + RTT)", **asdict(self)}
