@@ -157,5 +157,50 @@ def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights,
         raise click.ClickException(f"parity below {100 * AGREEMENT_TARGET:.1f}% top-1 agreement: {', '.join(failed)}")
 
 
+@main.command()
+@click.option("--algorithm", type=click.Choice(["harmony", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner",
+                                                "splitgp", "fedavg", "local", "centralized"]),
+              default="harmony", show_default=True, help="ours, an ablation, or a baseline (README, 'Federated simulation')")
+@click.option("--dataset", default="fashion_mnist", show_default=True, help="digits, fashion_mnist, a .npz file or an image directory")
+@click.option("--clients", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--classes-per-client", type=click.IntRange(1), default=2, show_default=True, help="ID classes per client (shards)")
+@click.option("--dirichlet", type=float, default=None, help="Dirichlet alpha partition instead of class shards")
+@click.option("--rounds", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--local-steps", type=click.IntRange(1), default=5, show_default=True, help="split exchanges per round")
+@click.option("--batch-size", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--architectures", default="cnn-w1,cnn-w05,mobilenet", show_default=True,
+              help="client front-end architectures, assigned round-robin: cnn-w1, cnn-w05, cnn-w025, mobilenet, mobilenet-w05")
+@click.option("--bits", default="2,4,8", show_default=True, help="client bitwidths (1-8, fp), assigned round-robin")
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True,
+              help="early-exit confidence threshold: below it a client asks the server")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="probability that a client misses a round")
+@click.option("--engine", type=click.Choice(["tff", "tf"]), default="tff", show_default=True,
+              help="tff: TensorFlow Federated computations; tf: the same steps in a plain TF loop")
+@click.option("--workers", default="", help="host:port,... of running TFF worker_binary processes (README)")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="use only the first N training images")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@user_errors
+def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds, local_steps, batch_size, architectures,
+             bits, lr, threshold, dropout, engine, workers, limit_train, seed, out, quiet):
+    """Hybrid split federated learning (HARMONY-style) of heterogeneous, bitwidth-adaptive clients."""
+    from tfbitmeta.federated.simulation import SimConfig, format_table
+    from tfbitmeta.federated.simulation import simulate as run_simulation
+
+    cfg = SimConfig(algorithm=algorithm, dataset=dataset, clients=clients, classes_per_client=classes_per_client,
+                    dirichlet=dirichlet, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
+                    architectures=architectures, bits=bits, lr=lr, inner_lr=lr, server_lr=lr, threshold=threshold,
+                    dropout=dropout, engine=engine, workers=[w for w in workers.split(",") if w.strip()],
+                    limit_train=limit_train, seed=seed)
+    sim, results = run_simulation(cfg, out, progress=not quiet)
+    took = sum(results["round_seconds"])
+    click.echo(f"\n{algorithm} on {dataset}: {clients} clients, {rounds} rounds in {took:.0f} s ({engine} engine)")
+    click.echo(format_table(results))
+    click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.png'}, front ends in {out / 'checkpoints'}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,8 +34,9 @@ class ClientWork:
     """The client computations; ``archs`` fixes the architecture index space shared with the orchestrator."""
 
     def __init__(self, archs: list[Arch], bank_template: dict, lr: float = 0.05, inner_lr: float = 0.05,
-                 inner: bool = True, exit_weight: float = 1.0):
+                 inner: bool = True, exit_weight: float = 1.0, server_weight: float = 1.0):
         self.archs = list(archs)
+        self.server_weight = server_weight  # SplitGP's (1 - gamma); 1 for HARMONY
         self.template = OrderedDict((k, np.asarray(v)) for k, v in bank_template.items())  # shapes only
         self.lr, self.inner_lr, self.inner, self.exit_weight = lr, inner_lr, inner, exit_weight
         masks = [slice_mask(bank_template, a) for a in self.archs]
@@ -67,14 +68,14 @@ class ClientWork:
         return tf.stack(views)  # (2, Q, h, w, c)
 
     # -- exchange 2: the client turns the server's logits into dCE/dlogits (labels stay here) -------------
-    @staticmethod
-    def logit_gradients(logits, y_q):
-        """``logits``: (2, Q, classes) -> (dCE/dlogits of the mean CE over both views, that CE)."""
+    def logit_gradients(self, logits, y_q):
+        """``logits``: (2, Q, classes) -> (server_weight * dCE/dlogits of the mean CE over both views, that CE).
+        In SplitGP mode the server runs this same function on labels the clients sent it."""
         y = tf.tile(y_q[None], [tf.shape(logits)[0], 1])
         with tf.GradientTape() as tape:
             tape.watch(logits)
             loss = _ce(tf.reshape(logits, [-1, tf.shape(logits)[-1]]), tf.reshape(y, [-1]))
-        return tape.gradient(loss, logits), loss
+        return self.server_weight * tape.gradient(loss, logits), loss
 
     # -- exchange 3: the meta step with the server's feature gradients -------------------------------------
     def update(self, state, batch, ctl, dfeats):

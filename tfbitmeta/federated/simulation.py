@@ -25,14 +25,25 @@ from tfbitmeta.federated.latency import LatencyModel
 from tfbitmeta.federated.server import ServerWork
 from tfbitmeta.quant.bitwidth import DEFAULT_BITS, FP, parse_bit
 
+_BASE = dict(split=True, contrastive=True, sample=True, inner=True, share="bank", personal=True,
+             labels_to_server=False, gamma=None, lam=0.0, single_arch=False, centralized=False)
 ALGORITHMS = {
-    # name: (server exchange + aggregation, contrastive, architecture/bitwidth sampling, inner loop)
-    "harmony": dict(split=True, contrastive=True, sample=True, inner=True),
-    "harmony-no-contrastive": dict(split=True, contrastive=False, sample=True, inner=True),
-    "harmony-no-sampling": dict(split=True, contrastive=True, sample=False, inner=True),
-    "harmony-no-inner": dict(split=True, contrastive=True, sample=True, inner=False),
-    "local": dict(split=False, contrastive=False, sample=False, inner=False),
+    # split: server backend + U-shaped exchange; share: what is aggregated ("bank": HeteroFL on the extractor bank,
+    # heads personal; "all": bank and heads, everyone takes the average; "mix": SplitGP's lambda-mix; None: nothing);
+    # personal: clients keep their inner-loop-adapted front end; labels_to_server: the SplitGP exchange
+    "harmony": dict(_BASE),
+    "harmony-no-contrastive": dict(_BASE, contrastive=False),
+    "harmony-no-sampling": dict(_BASE, sample=False),
+    "harmony-no-inner": dict(_BASE, inner=False),
+    "splitgp": dict(_BASE, contrastive=False, sample=False, inner=False, share="mix", personal=False,
+                    labels_to_server=True, gamma=0.5, lam=0.2),
+    "fedavg": dict(_BASE, split=False, contrastive=False, sample=False, inner=False, share="all", personal=False,
+                   single_arch=True),
+    "local": dict(_BASE, split=False, contrastive=False, sample=False, inner=False, share=None, personal=False),
+    "centralized": dict(_BASE, contrastive=False, sample=False, inner=False, share=None, personal=False,
+                        labels_to_server=True, single_arch=True, centralized=True),
 }
+MIX = {"bank": (0.0, 1.0), "all": (0.0, 0.0)}  # (lambda of the bank, lambda of the head) when receiving the model
 OOD_FRACTIONS = (0.0, 0.5, 1.0)
 
 
@@ -109,18 +120,30 @@ class Simulation:
             self.parts = partition.shards(self.y_train, cfg.clients, cfg.classes_per_client, cfg.seed)
         self.archs = A.parse_architectures(cfg.architectures)
         self.bit_choices = cfg.bit_list()
+        alg = self.alg
         # client k: architecture k mod A, bitwidth cycling more slowly so that every pair occurs
-        self.client_arch = [k % len(self.archs) for k in range(cfg.clients)]
+        self.client_arch = [0 if alg["single_arch"] else k % len(self.archs) for k in range(cfg.clients)]
         self.client_bits = [self.bit_choices[(k // len(self.archs) + k) % len(self.bit_choices)] for k in range(cfg.clients)]
+        # who trains: the clients, or (centralized upper bound) one learner holding the pooled data
+        if alg["centralized"]:
+            every = np.arange(len(self.y_train))
+            self.learners = [partition.ClientData(every, np.arange(self.num_classes))]
+        else:
+            self.learners = self.parts
         self.global_bank = A.init_bank(self.archs, self.x_train.shape[-1], cfg.seed)
+        self.global_head = A.init_head(self.num_classes, cfg.seed)
         self.server_w = backend.init_server(self.num_classes, cfg.seed)
         zeros = OrderedDict((n, np.zeros_like(v)) for n, v in self.global_bank.items())
-        self.states = [OrderedDict(bank=self.global_bank, mask=zeros, head=A.init_head(self.num_classes, cfg.seed + k),
-                                   personal=self.global_bank, rejected=np.int32(0)) for k in range(cfg.clients)]
-        self.client_work = ClientWork(self.archs, self.global_bank, lr=cfg.lr, inner_lr=cfg.inner_lr,
-                                      inner=self.alg["inner"], exit_weight=cfg.exit_weight)
+        shared_head = alg["share"] in ("all", "mix")
+        self.states = [OrderedDict(bank=self.global_bank, mask=zeros,
+                                   head=self.global_head if shared_head else A.init_head(self.num_classes, cfg.seed + k),
+                                   personal=self.global_bank, rejected=np.int32(0)) for k in range(len(self.learners))]
+        gamma = alg["gamma"]
+        self.client_work = ClientWork(self.archs, self.global_bank, lr=cfg.lr, inner_lr=cfg.inner_lr, inner=alg["inner"],
+                                      exit_weight=cfg.exit_weight if gamma is None else gamma,
+                                      server_weight=1.0 if gamma is None else 1.0 - gamma)
         self.server_work = ServerWork(lr=cfg.server_lr,
-                                      contrastive_weight=cfg.contrastive_weight if self.alg["contrastive"] else 0.0,
+                                      contrastive_weight=cfg.contrastive_weight if alg["contrastive"] else 0.0,
                                       temperature=cfg.temperature)
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.history: list[dict] = []
@@ -128,17 +151,19 @@ class Simulation:
 
     # -- set-up ------------------------------------------------------------------------------------------
     def _executor(self):
+        mix = MIX.get(self.alg["share"], (self.alg["lam"], self.alg["lam"]))
         if self.cfg.engine == "tf":
-            return LocalExecutor(self.client_work, self.server_work)
-        ex_batch = self._batch(0)
-        ex_ctl = self._ctl(0)
+            return LocalExecutor(self.client_work, self.server_work, mix)
+        saved = self.rng.bit_generator.state  # example values for the type signatures must not shift the draws
+        ex_batch, ex_ctl = self._batch(0), self._ctl(0)
+        self.rng.bit_generator.state = saved
         feats = np.zeros((1,) + self.client_work.features(
             _tf(self.states[0]["bank"]), _tf(self.states[0]["head"]), _tf(ex_batch), _tf(ex_ctl)).shape, np.float32)
         return TffExecutor(self.client_work, self.server_work, self.states[0], ex_batch, ex_ctl, self.server_w, feats,
-                           workers=self.cfg.workers or None)
+                           mix=mix, workers=self.cfg.workers or None)
 
     def _batch(self, k: int) -> OrderedDict:
-        idx = self.parts[k].train
+        idx = self.learners[k].train
         if len(idx) == 0:
             raise TfbitmetaError(f"client {k} has no training data: use fewer --clients or another partition")
         b = self.cfg.batch_size
@@ -146,34 +171,43 @@ class Simulation:
         return OrderedDict(x_s=self.x_train[s], y_s=self.y_train[s], x_q=self.x_train[q], y_q=self.y_train[q])
 
     def _ctl(self, k: int) -> OrderedDict:
-        own, own_bits = self.client_arch[k], self.client_bits[k]
+        if self.alg["centralized"]:  # one model for every client: train it at every client bitwidth
+            own, own_bits = 0, int(self.rng.choice(self.bit_choices))
+        else:
+            own, own_bits = self.client_arch[k], self.client_bits[k]
         if self.alg["sample"]:
             sim, sim_bits = int(self.rng.integers(len(self.archs))), int(self.rng.choice(self.bit_choices))
+        elif self.alg["centralized"]:
+            sim, sim_bits = own, int(self.rng.choice(self.bit_choices))
         else:
             sim, sim_bits = own, own_bits
         return OrderedDict(own=np.int32(own), own_bits=_bits(own_bits), sim=np.int32(sim), sim_bits=_bits(sim_bits))
 
     # -- one round ---------------------------------------------------------------------------------------
     def run_round(self, r: int) -> dict:
-        cfg, ex = self.cfg, self.executor
+        cfg, ex, alg = self.cfg, self.executor, self.alg
         t0 = time.perf_counter()
-        part = [k for k in range(cfg.clients) if self.rng.random() >= cfg.dropout]
-        rec = {"round": r + 1, "participants": len(part), "dropped": cfg.clients - len(part)}
+        n = len(self.learners)
+        part = [k for k in range(n) if n == 1 or self.rng.random() >= cfg.dropout]
+        rec = {"round": r + 1, "participants": len(part), "dropped": n - len(part)}
         if not part:
             rec.update(seconds=time.perf_counter() - t0)
+            self.history.append(rec)
             return rec
         states = [self.states[k] for k in part]
-        if self.alg["split"]:
-            states = ex.start_round(self.global_bank, states)
+        steps = cfg.local_steps * (cfg.clients if alg["centralized"] else 1)  # same number of examples per round
         ce, exit_loss, contrastive, rejected = [], [], [], 0.0
-        for _ in range(cfg.local_steps):
+        for _ in range(steps):
             batches = [self._batch(k) for k in part]
             ctls = [self._ctl(k) for k in part]
             feats = ex.features(states, batches, ctls)
-            if self.alg["split"]:
+            if alg["split"]:
                 stacked = np.stack(feats)
-                logits = ex.server_logits(self.server_w, stacked)
-                dlogits, losses = ex.logit_gradients(list(logits), batches)
+                logits = list(ex.server_logits(self.server_w, stacked))
+                if alg["labels_to_server"]:
+                    dlogits, losses = ex.server_label_gradients(logits, [b["y_q"] for b in batches])
+                else:
+                    dlogits, losses = ex.logit_gradients(logits, batches)
                 self.server_w, dfeats, sm = ex.server_update(self.server_w, stacked, np.stack(dlogits))
                 ce.append(float(np.nanmean(losses)))
                 contrastive.append(float(sm["contrastive_loss"]))
@@ -182,15 +216,21 @@ class Simulation:
             else:
                 dfeats = [np.zeros_like(f) for f in feats]
             out = ex.client_update(states, batches, ctls, dfeats)
-            states = [s for s, _ in out]
+            states = [st for st, _ in out]
             exit_loss.append(float(np.nanmean([float(m["exit_loss"]) for _, m in out])))
             rejected += float(sum(1 - int(bool(m["finite"])) for _, m in out))
-        if self.alg["split"]:
-            self.global_bank = ex.aggregate(self.global_bank, states, [len(self.parts[k].train) for k in part])
+        for k, st in zip(part, states):
+            self.states[k] = _tree_np(st)
+        if alg["share"]:
+            sizes = [len(self.learners[k].train) for k in part]
+            self.global_bank = ex.aggregate(self.global_bank, [st["bank"] for st in states],
+                                            [st["mask"] for st in states], sizes)
+            if alg["share"] != "bank":
+                ones = OrderedDict((name, np.ones_like(v)) for name, v in self.global_head.items())
+                self.global_head = ex.aggregate(self.global_head, [st["head"] for st in states], [ones] * len(states), sizes)
             if not all(np.all(np.isfinite(v)) for v in self.global_bank.values()):
                 raise TfbitmetaError("the aggregated bank is not finite (a bug: non-finite updates must be rejected)")
-        for k, s in zip(part, states):
-            self.states[k] = _tree_np(s)
+            self.states = [_tree_np(st) for st in ex.distribute(self.global_bank, self.global_head, self.states)]
         rec.update(server_ce=float(np.mean(ce)) if ce else None, exit_loss=float(np.mean(exit_loss)),
                    contrastive=float(np.mean(contrastive)) if contrastive else None,
                    rejected_updates=int(rejected), seconds=time.perf_counter() - t0)
@@ -211,7 +251,9 @@ class Simulation:
     def front_end(self, k: int):
         """Client k's personalized front end: (weights of its architecture, exit head, bits)."""
         arch = self.archs[self.client_arch[k]]
-        return A.slice_bank(_tf(self.states[k]["personal"]), arch), arch, _tf(self.states[k]["head"]), self.client_bits[k]
+        st = self.states[0 if self.alg["centralized"] else k]
+        weights = st["personal"] if self.alg["personal"] else st["bank"]
+        return A.slice_bank(_tf(weights), arch), arch, _tf(st["head"]), self.client_bits[k]
 
     def predict(self, k: int, x: np.ndarray, threshold: float | None = None):
         """Early exit when the exit head's confidence >= threshold, else the server backend on the features.
@@ -227,6 +269,22 @@ class Simulation:
         server_pred = backend.logits(_tf(self.server_w), feats).numpy().argmax(-1)
         offload = probs.max(-1) < thr
         return np.where(offload, server_pred, exit_pred), offload, exit_pred, server_pred
+
+    def loss(self, n: int = 64) -> dict:
+        """Mean cross-entropy of the clients' exit heads and of the server backend on the first ``n`` training
+        examples of every client, with the front ends the clients would deploy."""
+        exit_ce, server_ce = [], []
+        for k in range(self.cfg.clients):
+            idx = self.parts[k].train[:n]
+            w, arch, head, b = self.front_end(k)
+            bits = tf.constant(_bits(b))
+            feats = A.extract(w, arch, tf.constant(self.x_train[idx]), bits)
+            y = self.y_train[idx]
+            exit_ce.append(float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                y, A.exit_logits(head, feats, bits)))))
+            server_ce.append(float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                y, backend.logits(_tf(self.server_w), feats)))))
+        return {"exit_ce": float(np.mean(exit_ce)), "server_ce": float(np.mean(server_ce))}
 
     def feature_elements(self) -> int:
         w, arch, _, b = self.front_end(0)
@@ -304,3 +362,42 @@ def plot(results: dict, history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def format_table(results: dict) -> str:
+    """Per-client and mean accuracy without (p=0) and with OOD samples, offload ratio and modelled latency."""
+    head = f"{'client':>6} {'arch':<14} {'bits':>4} {'ID classes':<12} {'acc p=0':>8} {'p=0.5':>7} {'p=1':>7} " \
+           f"{'offload p=1':>11} {'latency p=1':>11}"
+    lines = [head]
+
+    def row(name, arch, bits, ids, m):
+        return (f"{name:>6} {arch:<14} {bits:>4} {ids:<12} {100 * m['p0']['accuracy']:>7.1f}% "
+                f"{100 * m['p0.5']['accuracy']:>6.1f}% {100 * m['p1']['accuracy']:>6.1f}% "
+                f"{100 * m['p1']['offload_ratio']:>10.1f}% {m['p1']['latency_ms']:>9.1f}ms")
+    for c in results["clients"]:
+        lines.append(row(c["client"], c["architecture"], str(c["bits"]), ",".join(map(str, c["id_classes"])), c))
+    lines.append(row("mean", "", "", "", results["mean"]))
+    return "\n".join(lines)
+
+
+def simulate(cfg: SimConfig, out: Path | None, progress: bool = True) -> tuple[Simulation, dict]:
+    """Run the rounds, evaluate, and (with ``out``) write results.json, results.png and the checkpoints."""
+    if out is not None:
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TfbitmetaError(f"cannot write to --out {out}: {e.strerror}") from None
+    sim = Simulation(cfg, progress=progress)
+    try:
+        t0 = time.perf_counter()
+        sim.run()
+        seconds = time.perf_counter() - t0
+        results = sim.evaluate()
+        results["train_seconds"] = seconds
+        results["round_seconds"] = [h["seconds"] for h in sim.history]
+    finally:
+        sim.executor.close()
+    if out is not None:
+        save(sim, results, out)
+    return sim, results

@@ -1,6 +1,7 @@
 """Aggregation of the shared extractor bank, HeteroFL-style: every parameter is averaged over the clients whose
 architecture slice contains it, weighted by their data size; a parameter no participating client holds keeps its
-value.  Early-exit heads and personal front ends are not aggregated (they stay with their client).
+value.  Early-exit heads stay with their client in HARMONY; the baselines average them too (FedAvg: a mask of ones) and
+SplitGP mixes each client's weights with the average (``personalize``).
 
 Split into a client-side contribution and a server-side combination so that the sum in between can be a
 ``tff.federated_sum``."""
@@ -31,3 +32,8 @@ def heterofl_average(global_bank, local_banks, masks, num_examples):
     ws = OrderedDict((k, tf.add_n([p[0][k] for p in parts])) for k in global_bank)
     ns = OrderedDict((k, tf.add_n([p[1][k] for p in parts])) for k in global_bank)
     return combine(global_bank, ws, ns)
+
+
+def personalize(local, global_, lam):
+    """SplitGP's personalized mixing ``lam * local + (1 - lam) * global`` (lam = 0: take the global model)."""
+    return OrderedDict((k, lam * local[k] + (1.0 - lam) * global_[k]) for k in global_)
