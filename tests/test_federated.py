@@ -199,6 +199,20 @@ def test_simulate_cli_end_to_end_leaves_no_worker(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["bank.npz", "client0.npz", "client1.npz",
                                                                        "client2.npz", "server.npz"]
     assert _stray_workers() == []
+    # `tfbitmeta convert` accepts the run: every client's front end + the backend, verified against the simulation
+    models = tmp_path / "models"
+    r = CliRunner().invoke(main, ["convert", str(out), "--out", str(models), "--verify"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    from tfbitmeta.export.convert import validate_manifest
+
+    manifest = json.loads((models / "manifest.json").read_text())
+    validate_manifest(manifest)
+    fronts = [f for f in manifest["files"] if f["kind"] == "front_end"]
+    assert [f["architecture"] for f in fronts] == ["cnn-w1", "cnn-w05", "mobilenet"]
+    assert [f["bits"]["w"] for f in fronts] == [2, 4, 8]
+    assert all(f["verify"]["passed"] and f["verify"]["features_equal_fraction"] == 1.0 for f in fronts)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -206,7 +220,7 @@ def test_simulate_cli_end_to_end_leaves_no_worker(tmp_path):
     (["--classes-per-client", "11"], "the dataset has 10 classes"),
     (["--bits", "2,16"], "client bitwidths must come from 1-8 and fp"),
     (["--bits", "9"], "bitwidth"),
-    (["--architectures", "resnet"], "unknown architecture resnet"),
+    (["--architectures", "resnet"], "unknown architecture 'resnet'"),
 ])
 def test_simulate_bad_input(tmp_path, args, message):
     r = CliRunner().invoke(main, ["simulate", "--dataset", "digits", "--clients", "2", "--rounds", "1",

@@ -140,7 +140,13 @@ def evaluate(run, bits, batch_size, out, as_json):
 @click.option("--no-latency", is_flag=True, help="skip the batch-1 latency measurement")
 @user_errors
 def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights, no_latency):
-    """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest."""
+    """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest.
+
+    RUN may also be a `tfbitmeta simulate` run: then every client's front end and the server backend are exported."""
+    from tfbitmeta.export.federated import is_federated_run
+
+    if is_federated_run(run):
+        return _convert_federated(run, out, verify, verify_images)
     from tfbitmeta.export.convert import AGREEMENT_TARGET, export
 
     manifest = export(run, bits, exits, out, verify=verify, float16=float16, int4=not int8_weights, n_verify=verify_images,
@@ -153,6 +159,16 @@ def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights,
     click.echo("\n".join(rows))
     click.echo(f"wrote {len(manifest['files'])} files and {out / 'manifest.json'}")
     failed = [f["path"] for f in manifest["files"] if f.get("verify") and not f["verify"]["passed"]]
+    if failed:
+        raise click.ClickException(f"parity below {100 * AGREEMENT_TARGET:.1f}% top-1 agreement: {', '.join(failed)}")
+
+
+def _convert_federated(run, out, verify, verify_images):
+    from tfbitmeta.export.federated import AGREEMENT_TARGET, export_federated
+
+    manifest = export_federated(run, out, verify=verify, n_verify=verify_images, progress=lambda m: click.echo(m, err=True))
+    failed = [f["path"] for f in manifest["files"] if f.get("verify") and not f["verify"]["passed"]]
+    click.echo(f"wrote {len(manifest['files'])} files and {out / 'manifest.json'}")
     if failed:
         raise click.ClickException(f"parity below {100 * AGREEMENT_TARGET:.1f}% top-1 agreement: {', '.join(failed)}")
 

@@ -168,21 +168,31 @@ def extract(weights: dict, arch: Arch, x, bits):
     return SCHEME.quantize_activation(_qconv(h, weights[f"{a}/kernel"], weights[f"{a}/bias"], w_bits), a_bits)
 
 
-def init_head(num_classes: int, seed: int) -> OrderedDict:
+def init_head(num_classes: int, seed: int, feature_shape: tuple) -> OrderedDict:
+    """Early-exit head: one dense layer on the flattened split-point features (SplitGP's auxiliary classifier)."""
     rng = np.random.default_rng(seed + 7919)
-    return OrderedDict([("kernel", _he(rng, (FEATURE_CHANNELS, num_classes), FEATURE_CHANNELS) * 0.5),
+    n = int(np.prod(feature_shape))
+    return OrderedDict([("kernel", (rng.standard_normal((n, num_classes)) * np.sqrt(1.0 / n)).astype(np.float32)),
                         ("bias", np.zeros(num_classes, np.float32))])
 
 
+def feature_shape(image_shape: tuple) -> tuple:
+    """Shape of the split-point features for an image of ``image_shape`` (two 2x2 poolings, then the adapter)."""
+    h, w = image_shape[0], image_shape[1]
+    for _ in range(2):
+        h, w = (h // 2 if h >= 2 else h), (w // 2 if w >= 2 else w)
+    return (h, w, FEATURE_CHANNELS)
+
+
 def exit_logits(head: dict, feats, bits):
-    """Early-exit head: global average pooling, then a dense layer at 8 bit (full precision in the FP task)."""
+    """The exit head at 8 bit (full precision in the FP task) on the flattened features."""
     w_bits = tf.where(bits[0] >= 32.0, bits[0], FIRST_LAST_BITS)
     k = SCHEME.quantize_weight(head["kernel"], w_bits, [0])
-    return tf.matmul(tf.reduce_mean(feats, axis=[1, 2]), k) + head["bias"]
+    return tf.matmul(tf.reshape(feats, [tf.shape(feats)[0], -1]), k) + head["bias"]
 
 
 def flops(arch: Arch, image_shape: tuple) -> float:
-    """Multiply-accumulates x 2 of the front end (extractor + adapter + exit head) for one image."""
+    """Multiply-accumulates x 2 of the extractor and adapter for one image (the exit head is ``head_flops``)."""
     h, w, c = image_shape
     W = arch.width
     total = 2 * h * w * 9 * c * W

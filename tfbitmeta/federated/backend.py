@@ -1,4 +1,4 @@
-"""The server side: one shared backend (fallback classifier) and the projection head of the contrastive loss.
+"""The server side: one shared backend (fallback classifier: conv 32, flatten, dense 64, dense classes) and the projection head of the contrastive loss.
 
 Pure functions of a weight dict, in float (the server runs full precision), like ``architectures``.
 """
@@ -14,15 +14,16 @@ from tfbitmeta.federated.architectures import FEATURE_CHANNELS
 HIDDEN, PROJECTION = 64, 32
 
 
-def init_server(num_classes: int, seed: int) -> OrderedDict:
+def init_server(num_classes: int, seed: int, feature_shape: tuple) -> OrderedDict:
     rng = np.random.default_rng(seed + 104729)
 
     def he(shape, fan_in):
         return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
+    flat = int(np.prod(feature_shape[:2])) * 32
     return OrderedDict([
         ("conv/kernel", he((3, 3, FEATURE_CHANNELS, 32), 9 * FEATURE_CHANNELS)), ("conv/bias", np.zeros(32, np.float32)),
-        ("fc1/kernel", he((32, HIDDEN), 32)), ("fc1/bias", np.zeros(HIDDEN, np.float32)),
+        ("fc1/kernel", he((flat, HIDDEN), flat)), ("fc1/bias", np.zeros(HIDDEN, np.float32)),
         ("fc2/kernel", he((HIDDEN, num_classes), HIDDEN) * 0.5), ("fc2/bias", np.zeros(num_classes, np.float32)),
         ("proj/kernel", he((HIDDEN, PROJECTION), HIDDEN)), ("proj/bias", np.zeros(PROJECTION, np.float32)),
     ])
@@ -30,7 +31,7 @@ def init_server(num_classes: int, seed: int) -> OrderedDict:
 
 def representation(w: dict, feats):
     h = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(feats, w["conv/kernel"], 1, "SAME"), w["conv/bias"]))
-    h = tf.reduce_mean(h, axis=[1, 2])
+    h = tf.reshape(h, [tf.shape(h)[0], -1])
     return tf.nn.relu(tf.matmul(h, w["fc1/kernel"]) + w["fc1/bias"])
 
 
@@ -53,3 +54,10 @@ def nt_xent(u_a, u_b, temperature: float):
 
 def project(w: dict, feats):
     return tf.matmul(representation(w, feats), w["proj/kernel"]) + w["proj/bias"]
+
+
+def flops(w: dict, feature_shape: tuple) -> float:
+    """Multiply-accumulates x 2 of the backend's classifier path for one image."""
+    h, wd, c = feature_shape
+    conv = h * wd * int(np.prod(w["conv/kernel"].shape))
+    return 2.0 * float(conv + np.prod(w["fc1/kernel"].shape) + np.prod(w["fc2/kernel"].shape))

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-SERVER_FLOPS_PER_IMAGE = 2.0 * (7 * 7 * 9 * 16 * 32 + 32 * 64 + 64 * 10)
-
-
 @dataclass(frozen=True)
 class LatencyModel:
     tiers_gflops: tuple = (1.0, 5.0, 20.0)
@@ -21,10 +18,11 @@ class LatencyModel:
     def client_gflops(self, k: int) -> float:
         return self.tiers_gflops[k % len(self.tiers_gflops)]
 
-    def mean_ms(self, k: int, client_flops: float, offload_ratio: float, feature_elements: int, bits: int) -> float:
+    def mean_ms(self, k: int, client_flops: float, offload_ratio: float, feature_elements: int, bits: int,
+                server_flops: float) -> float:
         local = client_flops / (self.client_gflops(k) * 1e9) * 1e3
         payload_bits = feature_elements * min(bits, 32)
-        remote = payload_bits / (self.uplink_mbps * 1e6) * 1e3 + SERVER_FLOPS_PER_IMAGE / (self.server_gflops * 1e9) * 1e3 \
+        remote = payload_bits / (self.uplink_mbps * 1e6) * 1e3 + server_flops / (self.server_gflops * 1e9) * 1e3 \
             + self.rtt_ms
         return local + offload_ratio * remote
 

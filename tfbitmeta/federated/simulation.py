@@ -110,6 +110,7 @@ class Simulation:
         if cfg.limit_train:
             x_train, y_train = x_train[:cfg.limit_train], y_train[:cfg.limit_train]
         mean, std = float(x_train.mean() / 255.0), float(x_train.std() / 255.0) + 1e-6
+        self.norm_stats = (mean, std)  # x = (pixels / 255 - mean) / std
         self.norm = lambda x: ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
         self.x_train, self.y_train = self.norm(x_train), y_train.astype(np.int32)
         self.x_test, self.y_test = self.norm(data.x_test), data.y_test.astype(np.int32)
@@ -131,12 +132,13 @@ class Simulation:
         else:
             self.learners = self.parts
         self.global_bank = A.init_bank(self.archs, self.x_train.shape[-1], cfg.seed)
-        self.global_head = A.init_head(self.num_classes, cfg.seed)
-        self.server_w = backend.init_server(self.num_classes, cfg.seed)
+        self.feature_shape = A.feature_shape(self.x_train.shape[1:])
+        self.global_head = A.init_head(self.num_classes, cfg.seed, self.feature_shape)
+        self.server_w = backend.init_server(self.num_classes, cfg.seed, self.feature_shape)
         zeros = OrderedDict((n, np.zeros_like(v)) for n, v in self.global_bank.items())
         shared_head = alg["share"] in ("all", "mix")
         self.states = [OrderedDict(bank=self.global_bank, mask=zeros,
-                                   head=self.global_head if shared_head else A.init_head(self.num_classes, cfg.seed + k),
+                                   head=self.global_head if shared_head else A.init_head(self.num_classes, cfg.seed + k, self.feature_shape),
                                    personal=self.global_bank, rejected=np.int32(0)) for k in range(len(self.learners))]
         gamma = alg["gamma"]
         self.client_work = ClientWork(self.archs, self.global_bank, lr=cfg.lr, inner_lr=cfg.inner_lr, inner=alg["inner"],
@@ -286,35 +288,34 @@ class Simulation:
                 y, backend.logits(_tf(self.server_w), feats)))))
         return {"exit_ce": float(np.mean(exit_ce)), "server_ce": float(np.mean(server_ce))}
 
-    def feature_elements(self) -> int:
-        w, arch, _, b = self.front_end(0)
-        return int(np.prod(A.extract(w, arch, tf.constant(self.x_train[:1]), tf.constant(_bits(b))).shape[1:]))
-
-    def evaluate(self, latency: LatencyModel | None = None) -> dict:
+    def evaluate(self, latency: LatencyModel | None = None, threshold: float | None = None) -> dict:
         latency = latency or LatencyModel()
         image_shape = self.x_train.shape[1:]
+        server_flops = backend.flops(self.server_w, self.feature_shape)
         clients, table = [], {}
         for k in range(self.cfg.clients):
             arch = self.archs[self.client_arch[k]]
+            client_flops = A.flops(arch, image_shape) + 2.0 * np.prod(self.feature_shape) * self.num_classes
             row = {"client": k, "architecture": arch.name, "bits": self.client_bits[k],
                    "id_classes": self.parts[k].id_classes.tolist(), "train_examples": int(len(self.parts[k].train))}
             for p in OOD_FRACTIONS:
                 idx, is_ood = partition.test_indices(self.y_test, self.parts[k].id_classes, p, self.cfg.seed + k)
-                pred, off, exit_pred, server_pred = self.predict(k, self.x_test[idx])
+                pred, off, exit_pred, server_pred = self.predict(k, self.x_test[idx], threshold)
                 y = self.y_test[idx]
                 row[f"p{p:g}"] = {
                     "accuracy": float(np.mean(pred == y)), "offload_ratio": float(np.mean(off)),
                     "exit_accuracy": float(np.mean(exit_pred == y)), "server_accuracy": float(np.mean(server_pred == y)),
                     "ood_accuracy": float(np.mean(pred[is_ood] == y[is_ood])) if is_ood.any() else None,
-                    "latency_ms": latency.mean_ms(k, A.flops(arch, image_shape), float(np.mean(off)),
-                                                  self.feature_elements(), self.client_bits[k]),
+                    "latency_ms": latency.mean_ms(k, client_flops, float(np.mean(off)), int(np.prod(self.feature_shape)),
+                                                  self.client_bits[k], server_flops),
                     "samples": int(len(idx))}
             clients.append(row)
         for p in OOD_FRACTIONS:
             key = f"p{p:g}"
             table[key] = {m: float(np.mean([c[key][m] for c in clients]))
                           for m in ("accuracy", "offload_ratio", "exit_accuracy", "server_accuracy", "latency_ms")}
-        return {"clients": clients, "mean": table, "latency_model": latency.describe()}
+        return {"clients": clients, "mean": table, "latency_model": latency.describe(),
+                "threshold": self.cfg.threshold if threshold is None else threshold}
 
 
 def _tf(tree):
