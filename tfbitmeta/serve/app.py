@@ -95,6 +95,8 @@ def create_app(cfg: ServeConfig, store: ModelStore | None = None) -> FastAPI:
 
     @app.get("/v1/models/{name}")
     async def status(name: str):
+        if name.endswith(":predict"):
+            raise ApiError(405, "method_not_allowed", "predict takes POST with a JSON body", {"Allow": "POST"})
         if name not in store.backends:
             raise ApiError(404, "unknown_model", f"unknown model {name!r}: available {sorted(store.backends)}")
         e = store.backends[name].entry

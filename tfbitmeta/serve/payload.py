@@ -99,7 +99,8 @@ def _tensor(value, spec: FeatureSpec, batched: bool) -> np.ndarray:
         expected = "[N, " + ", ".join(map(str, spec.shape)) + "]" if batched else list(spec.shape)
         raise bad(f"wrong shape {list(arr.shape)}: expected {expected}", "invalid_shape")
     if dtype == "float32":
-        x = arr.astype(np.float32)
+        with np.errstate(over="ignore"):
+            x = arr.astype(np.float32)  # values beyond float32 become inf and are refused below
         if not np.all(np.isfinite(x)):
             raise bad("features contain NaN or Inf", "not_finite")
         return x
