@@ -69,7 +69,8 @@ def create_app(cfg: ServeConfig, store: ModelStore | None = None) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "models": sorted(store.backends)}
+        return {"status": "ok", "models": sorted(store.backends),
+                "backend_calls": {name: b.calls for name, b in batchers.items()}}
 
     @app.get("/manifest.json")
     async def manifest():
