@@ -148,3 +148,36 @@ def test_readme_commands_serve_then_classify(models, digit):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_make_golden_vectors_are_reproducible(exported, tiny_run, tmp_path):
+    """tools/make_golden.py: the request bytes re-derive from the image, the response came from a real server."""
+    import base64
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("make_golden", Path(__file__).parents[1] / "tools" / "make_golden.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    golden = tool.main(["--run", str(tiny_run), "--models", str(exported[0]), "--bits", "4,fp", "--images", "2",
+                        "--out", str(tmp_path / "g")])
+    assert len(golden["cases"]) == 4 and {c["bits"] for c in golden["cases"]} == {"4", "fp"}
+    rt = DeviceRuntime(exported[0])
+    for c in golden["cases"]:
+        png = (tmp_path / "g" / c["image"]).read_bytes()
+        assert hashlib.sha256(png).hexdigest() == c["image_sha256"]
+        from tfbitmeta.device.image import load_pixels
+        from tfbitmeta.quant.bitwidth import parse_config
+
+        entry, path = rt.choose(parse_config(c["bits"]))
+        out = rt.load(entry, path)(image=load_pixels(tmp_path / "g" / c["image"], rt.manifest)[None])
+        np.testing.assert_allclose(out["exit_probs"][0], c["exit_probs"], atol=1e-6)
+        req = (tmp_path / "g" / c["request"]).read_bytes()
+        assert rt.request_bytes(entry, out["features"]) == req
+        body = json.loads(req)["inputs"]["features"]
+        assert body["dtype"] == ("int8" if c["bits"] == "4" else "float32") and len(base64.b64decode(body["b64"])) > 0
+        resp = json.loads((tmp_path / "g" / c["response"]).read_bytes())
+        backend = run_tflite(exported[0] / f"{c['backend']}.tflite", out["features"])["probs"][0]
+        np.testing.assert_allclose(resp["outputs"][0], backend, atol=1e-6)
+        assert c["fallback"] == (max(c["exit_probs"]) < c["exit_threshold"])
