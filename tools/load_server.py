@@ -170,6 +170,9 @@ def main(argv=None):
         "rss_mb": {"after_start": rss_start / 2**20, "before": rss_before / 2**20, "after": rss_after / 2**20,
                    "growth": (rss_after - rss_before) / 2**20},
         "limit": limit, "ratio": thr / limit["rows_per_s"], "target_ratio": TARGET,
+        "ratio_note": "ratio = requests/s (one image each) / backend images/s at full batches; requests/s per backend "
+                      "call/s would be ratio_vs_calls, which compares one image with a batch of max_batch images",
+        "ratio_vs_calls": thr / limit["backend_calls_per_s"],
     }
     result["met"] = {"ratio": result["ratio"] >= TARGET, "zero_errors": not errors,
                      "memory_flat": result["rss_mb"]["growth"] < max(5.0, 0.05 * result["rss_mb"]["before"])}
