@@ -126,6 +126,18 @@ def test_overload_answers_503_and_timeout_504(exported, features4):
         assert r.status_code == 504 and "no answer within 0.2 s" in r.json()["error"]
 
 
+def test_slow_body_gets_408(exported):
+    with extra_server(exported, body_timeout_s=0.3) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+            raw = b""
+            while b"}" not in raw and (chunk := s.recv(4096)):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["code"] == "body_timeout"
+
+
 def _corpus(shape, scale, zp):
     n = int(np.prod(shape))
     zeros = np.zeros((1, *shape)).tolist()

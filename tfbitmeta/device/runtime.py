@@ -108,8 +108,10 @@ class DeviceRuntime:
         except httpx.HTTPError as e:
             raise TfbitmetaError(f"no front end for {config_name(bits)} locally (have {have}) and the server is "
                                  f"unreachable: {e}") from None
+        except ValueError as e:
+            raise TfbitmetaError(f"unusable answer from {url}.json: {e}") from None
         digest = hashlib.sha256(resp.content).hexdigest()
-        if digest != entry["sha256"] or digest != resp.headers.get("x-sha256"):
+        if not isinstance(entry, dict) or digest != entry.get("sha256") or digest != resp.headers.get("x-sha256"):
             raise TfbitmetaError(f"front end fetched from {url}.tflite fails its sha256 check")
         self.cache.mkdir(parents=True, exist_ok=True)
         path.write_bytes(resp.content)

@@ -123,5 +123,5 @@ def create_app(cfg: ServeConfig, store: ModelStore | None = None) -> FastAPI:
         resp.headers["X-Converted-Seconds"] = f"{time.perf_counter() - t0:.3f}" if converted else "0"
         return resp
 
-    app.add_middleware(Guard, token=cfg.token, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(Guard, token=cfg.token, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s)
     return app

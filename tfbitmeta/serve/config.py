@@ -22,6 +22,7 @@ class ServeConfig:
     max_queue: int = 4096             # rows waiting for the backend; beyond that -> 503
     max_body_bytes: int = 4 << 20
     request_timeout_s: float = 10.0   # queue wait + backend call
+    body_timeout_s: float = 10.0      # per read of the request body (slow uploads -> 408)
     conversion_timeout_s: float = 300.0
 
     def __post_init__(self):

@@ -1,6 +1,7 @@
-"""Bearer-token check and request body limit, as one ASGI middleware in front of the app."""
+"""Bearer-token check, request body limit and body read timeout, as one ASGI middleware in front of the app."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from tfbitmeta.serve.errors import ApiError, send_error
@@ -13,12 +14,18 @@ class BodyTooLarge(ApiError):
         super().__init__(413, "body_too_large", f"request body exceeds the {limit}-byte limit")
 
 
+class BodyTimeout(ApiError):
+    def __init__(self, seconds: float):
+        super().__init__(408, "body_timeout", f"request body not received within {seconds} s")
+
+
 class Guard:
     """Rejects requests without the bearer token (401) and bodies over ``max_body_bytes`` (413, checked on the
-    Content-Length header and again on the bytes actually received, for chunked uploads)."""
+    Content-Length header and again on the bytes actually received, for chunked uploads) and bodies that trickle
+    in slower than ``body_timeout_s`` per read (408)."""
 
-    def __init__(self, app, token: str | None, max_body_bytes: int):
-        self.app, self.token, self.limit = app, token, max_body_bytes
+    def __init__(self, app, token: str | None, max_body_bytes: int, body_timeout_s: float = 10.0):
+        self.app, self.token, self.limit, self.body_timeout = app, token, max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -44,7 +51,10 @@ class Guard:
 
         async def limited_receive():
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise BodyTooLarge(self.limit)
