@@ -57,7 +57,8 @@ def extra_server(exported, **kw):
 def test_health_manifest_and_files_with_sha256(server, exported):
     url, _ = server
     out, manifest, _ = exported
-    assert httpx.get(f"{url}/healthz").json()["models"] == sorted(f"backend_{b}_split3" for b in ("2", "4", "8", "fp"))
+    served = set(httpx.get(f"{url}/healthz").json()["models"])  # + any converted on demand by earlier tests
+    assert served >= {f"backend_{b}_split3" for b in ("2", "4", "8", "fp")}
     assert httpx.get(f"{url}/manifest.json").json() == manifest
     for f in manifest["files"]:
         r = httpx.get(f"{url}/models/{f['path']}")
