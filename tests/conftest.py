@@ -27,3 +27,42 @@ def tiny_run(tmp_path_factory):
                                   "--bits", "2,4,8,fp", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     return out
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory):
+    """``tiny_run`` converted at 2, 4, 8 and fp with verification: (models folder, manifest, CLI result)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tfbitmeta.cli import main
+
+    out = tmp_path_factory.mktemp("models")
+    r = CliRunner().invoke(main, ["convert", str(tiny_run), "--bits", "2,4,8,fp", "--out", str(out), "--verify",
+                                  "--verify-images", "200", "--no-latency"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    return out, manifest, r
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(exported, tiny_run, tmp_path_factory):
+    """A real uvicorn on a free loopback port serving ``exported``, with on-demand front ends from ``tiny_run``:
+    yields (url, app)."""
+    from tfbitmeta.serve.app import create_app
+    from tfbitmeta.serve.config import ServeConfig
+    from tfbitmeta.serve.runner import BackgroundServer
+
+    cfg = ServeConfig(models=exported[0], run=tiny_run, cache=tmp_path_factory.mktemp("frontend-cache"),
+                      port=free_port(), max_body_bytes=1 << 20)
+    app = create_app(cfg)
+    with BackgroundServer(app, cfg) as url:
+        yield url, app

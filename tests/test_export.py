@@ -1,6 +1,5 @@
 """TFLite export of a small digits-trained model: parity, INT4, manifest schema and hashes, split pipeline, errors."""
 import hashlib
-import json
 
 import jsonschema
 import numpy as np
@@ -9,15 +8,6 @@ from click.testing import CliRunner
 
 from tfbitmeta.cli import main
 from tfbitmeta.export.convert import analyzer_types, manifest_schema, run_tflite
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("models")
-    r = CliRunner().invoke(main, ["convert", str(tiny_run), "--bits", "2,4,8,fp", "--out", str(out), "--verify",
-                                  "--verify-images", "200", "--no-latency"])
-    manifest = json.loads((out / "manifest.json").read_text())
-    return out, manifest, r
 
 
 def test_manifest_validates_and_hashes_match(exported):

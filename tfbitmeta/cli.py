@@ -218,5 +218,69 @@ def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds,
     click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.png'}, front ends in {out / 'checkpoints'}")
 
 
+@main.command()
+@click.option("--models", type=click.Path(path_type=Path), required=True, help="folder with manifest.json (tfbitmeta convert)")
+@click.option("--run", type=click.Path(path_type=Path), default=None,
+              help="checkpoint for on-demand front ends at any bitwidth (GET /v1/frontends/...)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="beyond loopback a bearer token is required")
+@click.option("--port", type=click.IntRange(0, 65535), default=8500, show_default=True)
+@click.option("--token", envvar="TFBITMETA_TOKEN", default=None, help="bearer token (or TFBITMETA_TOKEN)")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--max-delay-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True)
+@click.option("--max-body-bytes", type=click.IntRange(1024), default=4 << 20, show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="seconds per prediction (queue + backend)")
+@user_errors
+def serve(models, run, host, port, token, max_batch, max_delay_ms, max_body_bytes, timeout_s):
+    """Fallback inference server (TF Serving REST shape) for the exported backends."""
+    from tfbitmeta.serve.config import ServeConfig
+
+    cfg = ServeConfig(models=models, run=run, host=host, port=port, token=token, max_batch=max_batch,
+                      max_delay_ms=max_delay_ms, max_queue=max(4096, 4 * max_batch), max_body_bytes=max_body_bytes,
+                      request_timeout_s=timeout_s)
+    cfg.check_security()
+    import uvicorn
+
+    from tfbitmeta.serve.app import create_app
+    from tfbitmeta.serve.runner import uvicorn_config
+
+    app = create_app(cfg)
+    click.echo(f"serving {len(app.state.store.backends)} backends from {models} on http://{host}:{port}", err=True)
+    uvicorn.Server(uvicorn_config(app, cfg, log_level="info")).run()
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--models", type=click.Path(path_type=Path), required=True, help="folder with manifest.json")
+@click.option("--bits", default=None, help="front-end bitwidth, e.g. 4, 4/8 or fp [default: the largest local one]")
+@click.option("--memory-budget", type=click.IntRange(1), default=None, help="pick the largest front end within N bytes")
+@click.option("--exit", "exit_", type=int, default=None, help="early-exit head [default: the last]")
+@click.option("--server", default=None, help="fallback server URL, e.g. http://127.0.0.1:8500")
+@click.option("--token", envvar="TFBITMETA_TOKEN", default=None, help="bearer token (or TFBITMETA_TOKEN)")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.01), default=2.0, show_default=True, help="server timeout (s)")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="exit confidence [default: the manifest's]")
+@click.option("--json", "as_json", is_flag=True, help="print the answer as JSON")
+@user_errors
+def classify(image, models, bits, memory_budget, exit_, server, token, timeout_s, threshold, as_json):
+    """Classify one image on the device side, falling back to the server when the early exit is unsure."""
+    import dataclasses
+
+    from tfbitmeta.device.image import load_pixels
+    from tfbitmeta.device.runtime import DeviceRuntime
+    from tfbitmeta.quant.bitwidth import parse_config
+
+    rt = DeviceRuntime(models, server, token, timeout_s)
+    a = rt.classify(load_pixels(image, rt.manifest), parse_config(bits) if bits else None, memory_budget, exit_, threshold)
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(a), "fell_back": a.fell_back}))
+        return
+    click.echo(f"{image}: {a.label} ({100 * a.confidence:.1f}%) via {a.decision} [{a.front_end}, exit threshold {a.threshold:.2f}]")
+    click.echo(f"  device (early exit): {a.local_label} ({100 * a.local_confidence:.1f}%)")
+    click.echo(f"  server: {f'{a.server_label} ({100 * a.server_confidence:.1f}%)' if a.server_label else a.offline_reason or 'not asked'}")
+    click.echo(f"  fell back: {'yes' if a.fell_back else 'no'}{' (OFFLINE: local answer)' if a.decision == 'offline' else ''};"
+               f" latency {a.latency_ms['total']:.1f} ms (front end {a.latency_ms['front_end']:.2f} ms"
+               + (f", server {a.latency_ms['server']:.1f} ms)" if "server" in a.latency_ms else ")"))
+
+
 if __name__ == "__main__":
     sys.exit(main())

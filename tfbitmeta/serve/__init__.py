@@ -1,0 +1,1 @@
+"""Fallback inference server: TF-Serving-shaped REST API over the exported backend files (``tfbitmeta serve``)."""

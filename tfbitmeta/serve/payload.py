@@ -1,0 +1,193 @@
+"""The feature payload on the wire (TF Serving's REST shape), shared by the server and the device runtime.
+
+Request: ``{"signature_name": "serving_default", "inputs": T}`` (columnar, T has shape ``[N, *feature_shape]``)
+or ``{"instances": [T, ...]}`` (one T of shape ``feature_shape`` per row); T may also be wrapped as
+``{"features": T}``.  A tensor T is one of
+* a nested list of numbers: float32 features;
+* ``{"b64": base64 of the little-endian bytes, "dtype": "float32" | "int8" | "uint8", "shape": [...]}``;
+* ``{"values": nested list, "dtype": ..., "shape": [...] (optional)}``;
+integer dtypes carry the quantization of the front end's feature tensor, ``"scale"`` and ``"zero_point"``, which must
+equal the manifest's; the server dequantizes ``(q - zero_point) * scale``.
+Response: ``{"outputs": [[p, ...], ...]}`` or ``{"predictions": [[p, ...], ...]}``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import math
+
+import numpy as np
+
+from tfbitmeta.serve.errors import ApiError
+
+DTYPES = {"float32": np.dtype("<f4"), "int8": np.dtype("i1"), "uint8": np.dtype("u1")}
+MAX_ROWS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """What a backend accepts: the feature shape (without batch), the signature, and the quantization of the
+    front end's feature output for the same bitwidth and split (``None`` for float front ends)."""
+    name: str
+    shape: tuple[int, ...]
+    signature: str = "serving_default"
+    scale: float | None = None
+    zero_point: int | None = None
+    qdtype: str | None = None
+
+
+def bad(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def parse_request(body: bytes, spec: FeatureSpec, max_rows: int = MAX_ROWS) -> tuple[np.ndarray, str]:
+    """JSON body -> (float32 features of shape [N, *spec.shape], "inputs" | "instances"); ApiError 400 otherwise."""
+    try:
+        req = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"body is not valid JSON: {e}", "invalid_json") from None
+    if not isinstance(req, dict):
+        raise bad("body must be a JSON object with 'instances' or 'inputs'")
+    unknown = set(req) - {"signature_name", "instances", "inputs"}
+    if unknown:
+        raise bad(f"unknown field(s) {sorted(unknown)}: expected 'signature_name' and 'instances' or 'inputs'")
+    sig = req.get("signature_name", spec.signature)
+    if sig != spec.signature:
+        raise bad(f"unknown signature_name {sig!r}: this model has {spec.signature!r}")
+    if ("instances" in req) == ("inputs" in req):
+        raise bad("send exactly one of 'instances' (row format) or 'inputs' (columnar format)", "missing_field")
+    if "inputs" in req:
+        x = _tensor(_unwrap(req["inputs"], spec), spec, batched=True)
+        kind = "inputs"
+    else:
+        rows = req["instances"]
+        if not isinstance(rows, list) or not rows:
+            raise bad("'instances' must be a non-empty list")
+        if len(rows) > max_rows:
+            raise bad(f"{len(rows)} instances exceed the {max_rows}-row limit per request", "too_many_rows")
+        x = np.stack([_tensor(_unwrap(r, spec), spec, batched=False) for r in rows])
+        kind = "instances"
+    if len(x) > max_rows:
+        raise bad(f"{len(x)} rows exceed the {max_rows}-row limit per request", "too_many_rows")
+    return x, kind
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _unwrap(value, spec: FeatureSpec):
+    if isinstance(value, dict) and spec.name in value:
+        if len(value) != 1:
+            raise bad(f"unknown input(s) {sorted(set(value) - {spec.name})}: the model has one input {spec.name!r}")
+        return value[spec.name]
+    return value
+
+
+def _tensor(value, spec: FeatureSpec, batched: bool) -> np.ndarray:
+    if isinstance(value, list):
+        arr, dtype = _from_list(value), "float32"
+    elif isinstance(value, dict):
+        arr, dtype = _from_object(value)
+    else:
+        raise bad(f"a tensor must be a nested list of numbers or an object with 'b64' or 'values', got "
+                  f"{type(value).__name__}", "invalid_tensor")
+    want = (arr.shape[0], *spec.shape) if batched and arr.ndim >= 1 else spec.shape
+    if arr.shape != tuple(want) or (batched and arr.shape[0] == 0):
+        expected = "[N, " + ", ".join(map(str, spec.shape)) + "]" if batched else list(spec.shape)
+        raise bad(f"wrong shape {list(arr.shape)}: expected {expected}", "invalid_shape")
+    if dtype == "float32":
+        with np.errstate(over="ignore"):
+            x = arr.astype(np.float32)  # values beyond float32 become inf and are refused below
+        if not np.all(np.isfinite(x)):
+            raise bad("features contain NaN or Inf", "not_finite")
+        return x
+    if spec.qdtype is None:
+        raise bad(f"this model takes float32 features, not {dtype}", "invalid_dtype")
+    if dtype != spec.qdtype:
+        raise bad(f"quantized features must be {spec.qdtype}, got {dtype}", "invalid_dtype")
+    scale, zp = value.get("scale"), value.get("zero_point")
+    if not _number(scale) or not isinstance(zp, int) or isinstance(zp, bool):
+        raise bad(f"{dtype} features need numeric 'scale' and integer 'zero_point'", "missing_field")
+    if not math.isclose(scale, spec.scale, rel_tol=1e-6) or zp != spec.zero_point:
+        raise bad(f"quantization (scale {scale}, zero_point {zp}) differs from the manifest's "
+                  f"(scale {spec.scale}, zero_point {spec.zero_point})", "invalid_quantization")
+    return ((arr.astype(np.float32) - np.float32(zp)) * np.float32(spec.scale)).astype(np.float32)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _from_list(value: list) -> np.ndarray:
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError):
+        raise bad("tensor is ragged: every row must have the same length", "invalid_shape") from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        raise bad(f"tensor values must be numbers, got {arr.dtype.kind!r} values", "invalid_dtype")
+    return arr
+
+
+def _from_object(obj: dict) -> tuple[np.ndarray, str]:
+    unknown = set(obj) - {"b64", "values", "dtype", "shape", "scale", "zero_point"}
+    if unknown:
+        raise bad(f"unknown tensor field(s) {sorted(unknown)}", "invalid_tensor")
+    dtype = obj.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise bad(f"unsupported dtype {dtype!r}: use one of {sorted(DTYPES)}", "invalid_dtype")
+    shape = obj.get("shape")
+    if shape is not None:
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise bad("'shape' must be a list of integers", "invalid_shape")
+        if any(d < 0 or d > 1 << 20 for d in shape) or len(shape) > 8:
+            raise bad(f"'shape' {shape} has negative, huge or too many dimensions", "invalid_shape")
+    if ("b64" in obj) == ("values" in obj):
+        raise bad("a tensor object needs exactly one of 'b64' or 'values'", "missing_field")
+    if "b64" in obj:
+        if shape is None:
+            raise bad("a 'b64' tensor needs its 'shape'", "missing_field")
+        if not isinstance(obj["b64"], str):
+            raise bad("'b64' must be a base64 string", "invalid_base64")
+        try:
+            raw = base64.b64decode(obj["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise bad("'b64' is not valid base64", "invalid_base64") from None
+        count = math.prod(shape)
+        if len(raw) != count * DTYPES[dtype].itemsize:
+            raise bad(f"'b64' holds {len(raw)} bytes but shape {shape} of {dtype} needs "
+                      f"{count * DTYPES[dtype].itemsize}", "invalid_shape")
+        return np.frombuffer(raw, DTYPES[dtype]).reshape(shape), dtype
+    arr = _from_list(obj["values"]) if isinstance(obj["values"], list) else None
+    if arr is None:
+        raise bad("'values' must be a nested list of numbers", "invalid_tensor")
+    if dtype != "float32":
+        info = np.iinfo(DTYPES[dtype])
+        if arr.dtype.kind == "f" or arr.min() < info.min or arr.max() > info.max:
+            raise bad(f"{dtype} values must be integers in [{info.min}, {info.max}]", "invalid_dtype")
+    if shape is not None and list(arr.shape) != shape:
+        raise bad(f"'values' have shape {list(arr.shape)}, not the declared {shape}", "invalid_shape")
+    return arr, dtype
+
+
+# -- the device side -----------------------------------------------------------------------------------
+def quantize(features: np.ndarray, scale: float, zero_point: int, dtype: str = "int8") -> np.ndarray:
+    """Float features from a front end (already on its grid) -> the integer tensor the front end computed."""
+    info = np.iinfo(DTYPES[dtype])
+    return np.clip(np.round(features / scale) + zero_point, info.min, info.max).astype(DTYPES[dtype])
+
+
+def encode_request(features: np.ndarray, spec: FeatureSpec) -> bytes:
+    """The exact request bytes the device sends: quantized int tensor as base64 when the front end has a feature
+    quantization, float32 base64 otherwise; compact JSON with sorted keys (reproducible for golden tests)."""
+    if spec.qdtype is not None:
+        q = quantize(features, spec.scale, spec.zero_point, spec.qdtype)
+        tensor = {"b64": base64.b64encode(q.tobytes()).decode(), "dtype": spec.qdtype, "shape": list(q.shape),
+                  "scale": spec.scale, "zero_point": spec.zero_point}
+    else:
+        f = np.ascontiguousarray(features, dtype="<f4")
+        tensor = {"b64": base64.b64encode(f.tobytes()).decode(), "dtype": "float32", "shape": list(f.shape)}
+    body = {"signature_name": spec.signature, "inputs": {spec.name: tensor}}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

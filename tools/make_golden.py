@@ -1,0 +1,110 @@
+"""Golden vectors for the Android tests: the device contract, reproduced byte for byte.
+
+For a few test images and several bitwidths writes, under ``--out``:
+* ``img_<i>.png`` -- the input image bytes (grayscale/RGB PNG at the model's input size, so no resize is involved);
+* ``req_<bits>_<i>.json`` / ``resp_<bits>_<i>.json`` -- the exact feature payload the device sends and the bytes a
+  real server (started here on a loopback port) answered;
+* ``golden.json`` -- per case: the front end used (and its sha256), the expected exit probabilities, the exit
+  threshold, the fallback decision, the server's probabilities and the final answer, with sha256 of every file.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="the checkpoint the models were exported from (for test images)")
+    ap.add_argument("--models", type=Path, required=True, help="folder from `tfbitmeta convert`")
+    ap.add_argument("--bits", default="2,4,8,fp")
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=Path("runs/golden"))
+    args = ap.parse_args(argv)
+
+    import httpx
+    from PIL import Image
+
+    from tfbitmeta.data import datasets
+    from tfbitmeta.device.runtime import DeviceRuntime, backend_name
+    from tfbitmeta.meta.run import RunDir, TrainConfig
+    from tfbitmeta.quant.bitwidth import parse_config
+    from tfbitmeta.serve.app import create_app
+    from tfbitmeta.serve.config import ServeConfig
+    from tfbitmeta.serve.runner import BackgroundServer
+
+    run = RunDir(args.run)
+    tcfg = TrainConfig.from_dict(run.read_meta()["train"])
+    data = datasets.load(tcfg.dataset, seed=tcfg.seed)
+    raw, labels = data.x_test[:args.images], data.y_test[:args.images]
+    pixels = run.normalization().pixels(raw).numpy().astype(np.uint8)
+    rt = DeviceRuntime(args.models)
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, p in enumerate(pixels):
+        buf = io.BytesIO()
+        Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p).save(buf, format="PNG")
+        (args.out / f"img_{i}.png").write_bytes(buf.getvalue())
+        images.append(buf.getvalue())
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServeConfig(models=args.models, port=port, max_delay_ms=0)
+    cases = []
+    with BackgroundServer(create_app(cfg), cfg) as url:
+        for token in args.bits.split(","):
+            entry, path = rt.choose(parse_config(token))
+            runner = rt.load(entry, path)
+            for i, png in enumerate(images):
+                x = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32).reshape(pixels[i].shape)
+                out = runner(image=x[None])
+                probs = out["exit_probs"][0]
+                req = rt.request_bytes(entry, out["features"])
+                resp = httpx.post(f"{url}/v1/models/{backend_name(entry)}:predict", content=req,
+                                  headers={"Content-Type": "application/json"})
+                resp.raise_for_status()
+                server_probs = resp.json()["outputs"][0]
+                name = entry["bits"]["name"]
+                (args.out / f"req_{name}_{i}.json").write_bytes(req)
+                (args.out / f"resp_{name}_{i}.json").write_bytes(resp.content)
+                th = float(entry["exit_threshold"])
+                fallback = bool(probs.max() < th)
+                cases.append({
+                    "image": f"img_{i}.png", "image_sha256": sha(png), "bits": name,
+                    "front_end": entry["path"], "front_end_sha256": entry["sha256"], "backend": backend_name(entry),
+                    "exit_probs": [float(v) for v in probs], "exit_label": int(np.argmax(probs)), "exit_threshold": th,
+                    "fallback": fallback,
+                    "fallback_at_threshold": {str(t): bool(probs.max() < t) for t in (0.1, 0.3, 0.5, 0.9)},
+                    "request": f"req_{name}_{i}.json", "request_sha256": sha(req),
+                    "response": f"resp_{name}_{i}.json", "response_sha256": sha(resp.content),
+                    "server_probs": server_probs, "server_label": int(np.argmax(server_probs)),
+                    "final_label": int(np.argmax(server_probs)) if fallback else int(np.argmax(probs)),
+                    "true_label": int(labels[i]),
+                })
+    golden = {"format": "tfbitmeta-golden", "version": 1,
+              "manifest_sha256": sha((args.models / "manifest.json").read_bytes()),
+              "labels": rt.manifest["labels"], "tolerance": {"exit_probs": 1 / 256, "server_probs": 1 / 256},
+              "command": "uv run python tools/make_golden.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "cases": cases}
+    (args.out / "golden.json").write_text(json.dumps(golden, indent=1))
+    print(f"wrote {len(cases)} cases to {args.out}")
+    return golden
+
+
+if __name__ == "__main__":
+    main()
