@@ -174,12 +174,14 @@ def test_nan_update_is_rejected_and_state_stays_finite(engine):
 
 # -- CLI -------------------------------------------------------------------------------------------------
 def _stray_workers():
-    """worker_binary processes that are not children of this test process (i.e. orphans of a command)."""
-    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    """Orphaned worker_binary processes: their Python parent is gone (re-parented to init or a subreaper)."""
     out = []
     for p in psutil.process_iter(["name", "cmdline"]):
         try:
-            if "worker_binary" in " ".join(p.info["cmdline"] or []) and p.pid not in mine:
+            if "worker_binary" not in " ".join(p.info["cmdline"] or []):
+                continue
+            parent = p.parent()
+            if parent is None or parent.pid == 1 or "python" not in " ".join(parent.cmdline()).lower():
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
