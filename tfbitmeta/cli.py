@@ -216,7 +216,21 @@ def evaluate(run, bits, batch_size, out, as_json, episodes, setting):
 @click.option("--no-latency", is_flag=True, help="skip the batch-1 latency measurement")
 @user_errors
 def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights, no_latency):
-    """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest."""
+    """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest.
+
+    For a few-shot ProtoNet run: one embedding file per bitwidth (prototypes are computed on device)."""
+    if is_fewshot_run(run):
+        from tfbitmeta.export.embedding import export_embedding
+
+        for b in bits.split(","):
+            e = export_embedding(run, b, out, int4=not int8_weights, verify_episodes=50 if verify else 0,
+                                 progress=lambda m: click.echo(m, err=True))
+            v = e.get("verify")
+            click.echo(f"{e['path']:<24} {e['bytes']:>9} B  dim {e['embedding_dim']}"
+                       + (f"  {v['setting']} accuracy tflite {100 * v['tflite_acc']:.2f}% / keras "
+                          f"{100 * v['keras_calibrated_acc']:.2f}%, agreement {100 * v['prediction_agreement']:.2f}%"
+                          if v else ""))
+        return
     from tfbitmeta.export.convert import AGREEMENT_TARGET, export
 
     manifest = export(run, bits, exits, out, verify=verify, float16=float16, int4=not int8_weights, n_verify=verify_images,
