@@ -73,7 +73,8 @@ def is_fewshot_run(run: Path) -> bool:
 def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, epochs, steps, lr, patience,
                   ckpt_every, seed, out, resume, quiet, data_dir, ways, shots, queries, meta_batch, inner_steps,
                   inner_lr, eval_episodes):
-    if dataset not in ("omniglot", "digits"):  # digits: the option's default, i.e. not given
+    given = click.get_current_context().get_parameter_source("dataset") != click.core.ParameterSource.DEFAULT
+    if given and dataset != "omniglot":
         raise TfbitmetaError(f"few-shot methods run on --dataset omniglot (got {dataset!r})")
     from tfbitmeta.meta.fewshot import FewShotConfig, parse_train_bits
     from tfbitmeta.meta.fewshot import train as run_train
