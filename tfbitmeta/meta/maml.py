@@ -81,31 +81,27 @@ class FOMAML:
     def train_step(self, xs, ys, xq, yq, cfgs):
         return self._train(xs, ys, xq, yq, cfgs)
 
-    def episode_loss(self, xs, ys, xq, yq, cfg, steps=None):
-        """Query loss and accuracy after adapting a copy of theta on the support set (theta unchanged)."""
-        theta = [v.numpy() for v in self.outer_vars]
-        try:
-            cfg = tf.constant(cfg, tf.float32)
-            self._adapt(xs, ys, cfg, self.inner_steps if steps is None else steps)
-            logits = _logits(self.model, xq, cfg)
-            acc = tf.reduce_mean(tf.cast(tf.argmax(logits, -1, tf.int32) == yq, tf.float32))
-            return _ce(yq, logits), acc
-        finally:
-            for v, t in zip(self.outer_vars, theta):
-                v.assign(t)
-
-    def evaluate_episode(self, xs, ys, xq, yq, cfg, steps: int) -> float:
-        """Fine-tune on the support set at ``cfg`` (QAT, ``steps`` SGD steps), accuracy on the query set."""
+    def _compiled_eval(self, steps: int):
         if steps not in self._eval:
             def ev(xs, ys, xq, yq, cfg):
                 theta = [tf.identity(v) for v in self.outer_vars]
                 self._adapt(xs, ys, cfg, steps)
                 logits = _logits(self.model, xq, cfg)
+                loss = _ce(yq, logits)
                 acc = tf.reduce_mean(tf.cast(tf.argmax(logits, -1, tf.int32) == yq, tf.float32))
-                with tf.control_dependencies([acc]):
+                with tf.control_dependencies([loss, acc]):
                     for v, t in zip(self.outer_vars, theta):
                         v.assign(t)
-                return tf.identity(acc)
+                return tf.identity(loss), tf.identity(acc)
 
             self._eval[steps] = tf.function(ev)
-        return float(self._eval[steps](xs, ys, xq, yq, tf.constant(cfg, tf.float32)))
+        return self._eval[steps]
+
+    def episode_loss(self, xs, ys, xq, yq, cfg, steps=None):
+        """Query loss and accuracy after adapting a copy of theta on the support set (theta unchanged)."""
+        fn = self._compiled_eval(self.inner_steps if steps is None else steps)
+        return fn(xs, ys, xq, yq, tf.constant(cfg, tf.float32))
+
+    def evaluate_episode(self, xs, ys, xq, yq, cfg, steps: int) -> float:
+        """Fine-tune on the support set at ``cfg`` (QAT, ``steps`` SGD steps), accuracy on the query set."""
+        return float(self._compiled_eval(steps)(xs, ys, xq, yq, tf.constant(cfg, tf.float32))[1])
