@@ -148,7 +148,8 @@ class FewShotTrainer:
         self.optimizer.build(train_vars)
         self.sampler = TaskSampler(fcfg, tcfg.seed)
         self.train_episodes = EpisodeSampler(data.train.images, fcfg.setting, tcfg.seed + SEED_OFFSETS["train"], "train")
-        val_setting = Setting(min(fcfg.ways, data.val.num_classes), fcfg.shots, 15)
+        drawers = int(data.val.images.shape[1])
+        val_setting = Setting(min(fcfg.ways, data.val.num_classes), fcfg.shots, max(1, min(15, drawers - fcfg.shots)))
         self.val_episodes = EpisodeSampler(data.val.images, val_setting, tcfg.seed + SEED_OFFSETS["val"], "validation")
         self.loop = TrainingLoop(run, self.model, self.optimizer, self.total_steps,
                                  min(fcfg.steps_per_epoch, self.total_steps), tcfg.ckpt_every, tcfg.patience,
