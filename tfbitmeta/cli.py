@@ -1,4 +1,4 @@
-"""``tfbitmeta`` command line: train, evaluate.
+"""``tfbitmeta`` command line: train, evaluate (also few-shot runs), convert.
 
 TensorFlow is imported inside the commands, so ``--help`` is instant; user errors print one line and exit 1.
 """
@@ -38,6 +38,67 @@ def parse_bits(spec: str) -> tuple[int, ...]:
     return tuple(sorted({parse_bit(t) for t in spec.split(",") if t.strip()}))
 
 
+FEWSHOT_METHODS = ("mebqat-maml", "mebqat-proto", "fomaml", "protonet")
+
+
+def fewshot_options(fn):
+    """Options of the few-shot methods (ignored by the others)."""
+    opts = [
+        click.option("--data-dir", type=click.Path(path_type=Path), default=Path("../shared/data/omniglot"),
+                     show_default=True, help="few-shot: Omniglot zips or extracted <set>/<Alphabet>/<characterNN>/"),
+        click.option("--ways", type=click.IntRange(2), default=5, show_default=True, help="few-shot: N-way"),
+        click.option("--shots", type=click.IntRange(1), default=1, show_default=True, help="few-shot: K-shot"),
+        click.option("--queries", type=click.IntRange(1), default=None,
+                     help="few-shot: training queries per class [default: 15 MAML, 5 ProtoNet]"),
+        click.option("--meta-batch", type=click.IntRange(1), default=4, show_default=True,
+                     help="few-shot MAML: episodes per outer step"),
+        click.option("--inner-steps", type=click.IntRange(0), default=5, show_default=True,
+                     help="few-shot MAML: SGD steps on the support set (training and evaluation)"),
+        click.option("--inner-lr", type=float, default=0.1, show_default=True, help="few-shot MAML: inner SGD lr"),
+        click.option("--eval-episodes", type=click.IntRange(1), default=100, show_default=True,
+                     help="few-shot: test episodes per bitwidth after training"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def is_fewshot_run(run: Path) -> bool:
+    try:
+        return "fewshot" in json.loads((Path(run) / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, epochs, steps, lr, patience,
+                  ckpt_every, seed, out, resume, quiet, data_dir, ways, shots, queries, meta_batch, inner_steps,
+                  inner_lr, eval_episodes):
+    given = click.get_current_context().get_parameter_source("dataset") != click.core.ParameterSource.DEFAULT
+    if given and dataset != "omniglot":
+        raise TfbitmetaError(f"few-shot methods run on --dataset omniglot (got {dataset!r})")
+    from tfbitmeta.meta.fewshot import FewShotConfig, parse_train_bits
+    from tfbitmeta.meta.fewshot import train as run_train
+    from tfbitmeta.meta.fewshot_eval import format_rows
+    from tfbitmeta.meta.run import TrainConfig
+
+    maml = method in ("mebqat-maml", "fomaml")
+    fcfg = FewShotConfig(method=method, data_dir=str(data_dir), ways=ways, shots=shots,
+                         queries=queries or (15 if maml else 5), meta_batch=meta_batch, num_tasks=num_tasks,
+                         inner_steps=inner_steps, inner_lr=inner_lr, eval_inner_steps=inner_steps,
+                         train_bits=parse_train_bits(method, bits), eval_episodes=eval_episodes)
+    tcfg = TrainConfig(method=method, dataset="omniglot", epochs=epochs, steps=steps, lr=lr, num_tasks=num_tasks,
+                       seed=seed, ckpt_every=ckpt_every, patience=patience)
+    result = run_train(out, tcfg, fcfg, width=width, scheme=scheme,
+                       first_last=None if first_last == "auto" else (8 if first_last == "8" else "fp"),
+                       resume=resume, progress=not quiet)
+    st = result["meta"]["status"]
+    click.echo(f"\n{method} on omniglot ({result['meta']['model']}, {result['meta']['scheme']}): {st['steps']} steps, "
+               f"{st['train_seconds']:.0f} s; {result['meta']['episodes']} test episodes of unseen classes, "
+               f"ONE checkpoint at every bitwidth:")
+    click.echo(format_rows(result["rows"]))
+    click.echo(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_bits.png'}, checkpoints in {out}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tfbitmeta")
 def main():
@@ -46,7 +107,8 @@ def main():
 
 
 @main.command()
-@click.option("--method", type=click.Choice(["mebqat", "dedicated", "anyprec"]), default="mebqat", show_default=True)
+@click.option("--method", type=click.Choice(["mebqat", "dedicated", "anyprec", *FEWSHOT_METHODS]), default="mebqat",
+              show_default=True, help="few-shot (Omniglot): mebqat-maml, mebqat-proto, fomaml, protonet")
 @click.option("--dataset", default="digits", show_default=True,
               help="digits, fashion_mnist, a .npz file or an image directory (one sub-directory per class)")
 @click.option("--model", "family", default="svhn_cnn", show_default=True,
@@ -78,10 +140,15 @@ def main():
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@fewshot_options
 @user_errors
 def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_mode, num_tasks, epochs, steps,
-          batch_size, lr, exit_weight, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet):
+          batch_size, lr, exit_weight, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet,
+          **fewshot):
     """Train one model (MEBQAT by default) and print its test accuracy at every candidate bitwidth."""
+    if method in FEWSHOT_METHODS:
+        return train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, epochs, steps, lr,
+                             patience, ckpt_every, seed, out, resume, quiet, **fewshot)
     bit_values = parse_bits(bits)
     if method == "dedicated":
         if len(bit_values) != 1:
@@ -115,9 +182,19 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="where to write results [default: RUN]")
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+@click.option("--episodes", type=click.IntRange(1), default=600, show_default=True,
+              help="few-shot runs: test episodes per setting and bitwidth")
+@click.option("--setting", default="train", show_default=True,
+              help="few-shot runs: 'train' (the trained N-way K-shot), 'all' (5w1s,5w5s,20w1s,20w5s) or a list")
 @user_errors
-def evaluate(run, bits, batch_size, out, as_json):
+def evaluate(run, bits, batch_size, out, as_json, episodes, setting):
     """Evaluate a trained run at many bitwidths (table, results.json, accuracy_vs_bits.png)."""
+    if is_fewshot_run(run):
+        from tfbitmeta.meta.fewshot_eval import evaluate_run, format_rows
+
+        result = evaluate_run(run, bits, episodes, setting, out)
+        click.echo(json.dumps(result["rows"], indent=2) if as_json else format_rows(result["rows"]))
+        return
     from tfbitmeta.meta.evaluate import format_table
     from tfbitmeta.meta.train import evaluate as run_evaluate
 
@@ -142,11 +219,24 @@ def evaluate(run, bits, batch_size, out, as_json):
 def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights, no_latency):
     """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest.
 
-    RUN may also be a `tfbitmeta simulate` run: then every client's front end and the server backend are exported."""
+    RUN may also be a `tfbitmeta simulate` run (every client's front end and the server backend are exported) or
+    a few-shot ProtoNet run (one embedding file per bitwidth; prototypes are computed on device)."""
     from tfbitmeta.export.federated import is_federated_run
 
     if is_federated_run(run):
         return _convert_federated(run, out, verify, verify_images)
+    if is_fewshot_run(run):
+        from tfbitmeta.export.embedding import export_embedding
+
+        for b in bits.split(","):
+            e = export_embedding(run, b, out, int4=not int8_weights, verify_episodes=50 if verify else 0,
+                                 progress=lambda m: click.echo(m, err=True))
+            v = e.get("verify")
+            click.echo(f"{e['path']:<24} {e['bytes']:>9} B  dim {e['embedding_dim']}"
+                       + (f"  {v['setting']} accuracy tflite {100 * v['tflite_acc']:.2f}% / keras "
+                          f"{100 * v['keras_calibrated_acc']:.2f}%, agreement {100 * v['prediction_agreement']:.2f}%"
+                          if v else ""))
+        return
     from tfbitmeta.export.convert import AGREEMENT_TARGET, export
 
     manifest = export(run, bits, exits, out, verify=verify, float16=float16, int4=not int8_weights, n_verify=verify_images,

@@ -1,4 +1,5 @@
-"""The one training-loop core shared by every trainer (mebqat, anyprec, dedicated).
+"""The one training-loop core shared by every trainer (mebqat, anyprec, dedicated, and the few-shot trainers
+of :mod:`tfbitmeta.meta.fewshot`, which reuse :class:`TrainingLoop`).
 
 Per optimizer step the method hands over T bitwidth configurations (a ``(T, 2)`` tensor, so no retrace).
 Task 0 runs first; when the method distills, task 0 is full precision and its stop-gradient softmax is the
@@ -85,34 +86,22 @@ class FitResult:
     history: list
 
 
-class Trainer:
-    """Runs one method on one model; checkpoints every ``ckpt_every`` steps and resumes bit-exactly."""
+class TrainingLoop:
+    """The step loop every trainer runs: progress bar, TensorBoard, validation every ``steps_per_epoch`` steps
+    with the best weights saved to ``best/``, checkpoints every ``ckpt_every`` steps, bit-exact resume and
+    early stopping.  What a step does and what data it gets come from the trainer (``run``'s callbacks)."""
 
-    def __init__(self, run: RunDir, bitmodel: BitModel, method: Method, splits: Splits, norm: Normalization,
-                 cfg: TrainConfig, progress: bool = True):
-        self.run, self.bm, self.method, self.splits, self.norm, self.cfg = run, bitmodel, method, splits, norm, cfg
-        self.progress = progress
-        self.model = bitmodel.keras
-        self.spe = len(splits.x_train) // cfg.batch_size
-        if self.spe == 0:
-            raise TfbitmetaError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                                 f"({len(splits.x_train)} images)")
-        self.total_steps = cfg.steps if cfg.steps else cfg.epochs * self.spe
-        if self.total_steps <= 0:
-            raise TfbitmetaError("nothing to train: --epochs and --steps must be positive")
-        self.optimizer = tf.keras.optimizers.AdamW(learning_rate=lr_schedule(cfg.lr, self.total_steps),
-                                                   weight_decay=cfg.weight_decay)
-        self.optimizer.build(self.model.trainable_variables)
+    def __init__(self, run: RunDir, model: tf.keras.Model, optimizer, total_steps: int, steps_per_epoch: int,
+                 ckpt_every: int, patience: int | None, tasks_per_step: int, desc: str, progress: bool = True):
+        self.run, self.model, self.optimizer = run, model, optimizer
+        self.total_steps, self.spe, self.ckpt_every, self.patience = total_steps, steps_per_epoch, ckpt_every, patience
+        self.tasks_per_step, self.desc, self.progress = tasks_per_step, desc, progress
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val")
         self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
-        self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, best=self.best,
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, best=self.best,
                                         bad_epochs=self.bad_epochs)
         self.manager = tf.train.CheckpointManager(self.ckpt, str(run.path / "ckpt"), max_to_keep=2)
-        self.train_step = make_train_step(self.model, self.optimizer, method.distill, cfg.exit_weight, cfg.clip,
-                                          bitmodel.cfg.input_shape)
-        self.val = eval_batches(splits.x_val, splits.y_val, norm)
-        self.val_predictor = Predictor(self.model, "batch")
 
     def restore(self) -> int:
         if self.manager.latest_checkpoint is None:
@@ -121,39 +110,36 @@ class Trainer:
                         best=self.best, bad_epochs=self.bad_epochs)
         return int(self.step.numpy())
 
-    def validate(self) -> dict[str, float]:
-        """Validation accuracy (final head) at the method's evaluation configurations, batch-statistics BN."""
-        p = self.val_predictor
-        return {config_name(c): p.accuracy(self.val, c)["logits"] for c in self.method.eval_configs}
-
-    def fit(self, resume: bool = False) -> FitResult:
+    def run_steps(self, batches, step_fn, validate, resume: bool = False) -> FitResult:
+        """``batches(epoch, offset)`` iterates the inputs of one epoch from step ``offset`` in it;
+        ``step_fn(step, inputs)`` does one optimizer step and returns ``(losses, postfix, scalars)``: the
+        per-task losses, progress-bar fields and extra TensorBoard scalars; ``validate()`` returns
+        ``{name: accuracy}`` whose mean selects the best weights."""
         start = self.restore() if resume else 0
         writer = tf.summary.create_file_writer(str(self.run.path / "tb"))
         history, t0 = [], time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=start, unit="step", disable=not self.progress,
-                   desc=f"{self.method.name}", dynamic_ncols=True)
+                   desc=self.desc, dynamic_ncols=True)
         step = start
         stop = False
         while step < self.total_steps and not stop:
             epoch, offset = divmod(step, self.spe)
-            for x, y in train_batches(self.splits.x_train, self.splits.y_train, self.norm, self.cfg.batch_size,
-                                      self.cfg.seed, epoch, start_batch=offset):
-                tasks = self.method.tasks(step)
-                losses, acc = self.train_step(x, y, tf.constant(tasks))
+            for inputs in batches(epoch, offset):
+                losses, postfix, scalars = step_fn(step, inputs)
                 step += 1
                 self.step.assign(step)
-                losses = losses.numpy()
+                losses = np.asarray(losses)
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses.mean():.3f}", acc0=f"{float(acc):.2f}")
+                bar.set_postfix(loss=f"{losses.mean():.3f}", **postfix)
                 if step % 10 == 0 or step == self.total_steps:
                     with writer.as_default(step=step):
                         tf.summary.scalar("train/loss", losses.mean())
-                        for cfg, loss in zip(tasks, losses):
-                            tf.summary.scalar(f"train/loss_{config_name((int(cfg[0]), int(cfg[1])))}", loss)
+                        for name, value in scalars.items():
+                            tf.summary.scalar(name, value)
                 end_of_epoch = step % self.spe == 0 or step == self.total_steps
                 if end_of_epoch:
-                    stop = self._end_epoch(step, writer, history)
-                if step % self.cfg.ckpt_every == 0 or end_of_epoch:
+                    stop = self._end_epoch(step, writer, history, validate)
+                if step % self.ckpt_every == 0 or end_of_epoch:
                     self.manager.save(checkpoint_number=step)
                 if step >= self.total_steps or stop:
                     break
@@ -161,10 +147,10 @@ class Trainer:
         if self.manager.latest_checkpoint is None or not self.manager.latest_checkpoint.endswith(f"-{step}"):
             self.manager.save(checkpoint_number=step)
         seconds = time.perf_counter() - t0
-        return FitResult(step, step * self.method.num_tasks, seconds, float(self.best.numpy()), history)
+        return FitResult(step, step * self.tasks_per_step, seconds, float(self.best.numpy()), history)
 
-    def _end_epoch(self, step, writer, history) -> bool:
-        val = self.validate()
+    def _end_epoch(self, step, writer, history, validate) -> bool:
+        val = validate()
         score = float(np.mean(list(val.values())))
         history.append({"step": step, "val": val, "val_mean": score})
         with writer.as_default(step=step):
@@ -180,7 +166,66 @@ class Trainer:
             self.bad_epochs.assign_add(1)
         if self.progress:
             tqdm.write(f"step {step}: validation mean acc {100 * score:.2f}% (best {100 * float(self.best.numpy()):.2f}%)")
-        return self.cfg.patience is not None and int(self.bad_epochs.numpy()) >= self.cfg.patience
+        return self.patience is not None and int(self.bad_epochs.numpy()) >= self.patience
+
+
+class Trainer:
+    """Runs one method on one model with the :class:`TrainingLoop`; checkpoints every ``ckpt_every`` steps and
+    resumes bit-exactly."""
+
+    def __init__(self, run: RunDir, bitmodel: BitModel, method: Method, splits: Splits, norm: Normalization,
+                 cfg: TrainConfig, progress: bool = True):
+        self.run, self.bm, self.method, self.splits, self.norm, self.cfg = run, bitmodel, method, splits, norm, cfg
+        self.model = bitmodel.keras
+        self.spe = len(splits.x_train) // cfg.batch_size
+        if self.spe == 0:
+            raise TfbitmetaError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                                 f"({len(splits.x_train)} images)")
+        self.total_steps = cfg.steps if cfg.steps else cfg.epochs * self.spe
+        if self.total_steps <= 0:
+            raise TfbitmetaError("nothing to train: --epochs and --steps must be positive")
+        self.optimizer = tf.keras.optimizers.AdamW(learning_rate=lr_schedule(cfg.lr, self.total_steps),
+                                                   weight_decay=cfg.weight_decay)
+        self.optimizer.build(self.model.trainable_variables)
+        self.loop = TrainingLoop(run, self.model, self.optimizer, self.total_steps, self.spe, cfg.ckpt_every,
+                                 cfg.patience, method.num_tasks, method.name, progress)
+        self.step, self.best, self.bad_epochs = self.loop.step, self.loop.best, self.loop.bad_epochs
+        self.ckpt, self.manager = self.loop.ckpt, self.loop.manager
+        self.train_step = make_train_step(self.model, self.optimizer, method.distill, cfg.exit_weight, cfg.clip,
+                                          bitmodel.cfg.input_shape)
+        self.val = eval_batches(splits.x_val, splits.y_val, norm)
+        self.val_predictor = Predictor(self.model, "batch")
+
+    @property
+    def progress(self) -> bool:
+        return self.loop.progress
+
+    @progress.setter
+    def progress(self, value: bool):
+        self.loop.progress = value
+
+    def restore(self) -> int:
+        return self.loop.restore()
+
+    def validate(self) -> dict[str, float]:
+        """Validation accuracy (final head) at the method's evaluation configurations, batch-statistics BN."""
+        p = self.val_predictor
+        return {config_name(c): p.accuracy(self.val, c)["logits"] for c in self.method.eval_configs}
+
+    def fit(self, resume: bool = False) -> FitResult:
+        def batches(epoch, offset):
+            return train_batches(self.splits.x_train, self.splits.y_train, self.norm, self.cfg.batch_size,
+                                 self.cfg.seed, epoch, start_batch=offset)
+
+        def step_fn(step, batch):
+            x, y = batch
+            tasks = self.method.tasks(step)
+            losses, acc = self.train_step(x, y, tf.constant(tasks))
+            losses = losses.numpy()
+            scalars = {f"train/loss_{config_name((int(c[0]), int(c[1])))}": loss for c, loss in zip(tasks, losses)}
+            return losses, {"acc0": f"{float(acc):.2f}"}, scalars
+
+        return self.loop.run_steps(batches, step_fn, self.validate, resume)
 
     def finalize(self) -> None:
         """Best-on-validation weights, BN statistics calibrated per configuration, saved to ``model/``."""
@@ -203,4 +248,4 @@ def checkpoint_bytes(directory: Path) -> int:
     return int(sum(p.stat().st_size for p in Path(directory).glob("*") if p.is_file() and p.name != "checkpoint"))
 
 
-__all__ = ["Trainer", "FitResult", "make_train_step", "lr_schedule"]
+__all__ = ["TrainingLoop", "Trainer", "FitResult", "make_train_step", "lr_schedule"]

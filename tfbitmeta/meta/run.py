@@ -72,9 +72,9 @@ class RunDir:
         return self.meta_file.is_file()
 
     def write_meta(self, model_cfg: ModelConfig, norm: Normalization, train_cfg: TrainConfig, dataset: dict,
-                   status: dict | None = None):
+                   status: dict | None = None, extra: dict | None = None):
         meta = {"version": RUN_VERSION, "model": model_cfg.to_dict(), "normalization": norm.to_dict(),
-                "dataset": dataset, "train": dataclasses.asdict(train_cfg), "status": status or {}}
+                "dataset": dataset, "train": dataclasses.asdict(train_cfg), "status": status or {}, **(extra or {})}
         tmp = self.meta_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, self.meta_file)

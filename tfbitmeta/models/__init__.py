@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from tfbitmeta.errors import TfbitmetaError
-from tfbitmeta.models import mobilenet_v2, preact_resnet, svhn_cnn
+from tfbitmeta.models import conv4, mobilenet_v2, preact_resnet, svhn_cnn
 from tfbitmeta.models.base import BitModel, ModelConfig  # noqa: F401
 from tfbitmeta.models.dropout import CheckpointedDropout
 from tfbitmeta.quant.layers import CUSTOM_OBJECTS as _QUANT_OBJECTS
@@ -11,6 +11,7 @@ FAMILIES = {
     "svhn_cnn": svhn_cnn.build,
     "preact_resnet20": preact_resnet.build,
     "mobilenet_v2": mobilenet_v2.build,
+    "conv4": conv4.build,
 }
 
 
