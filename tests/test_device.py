@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,6 +17,7 @@ from tfbitmeta.cli import main
 from tfbitmeta.device.runtime import DeviceRuntime
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.export.convert import run_tflite
+from tfbitmeta.serve.runner import wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +133,7 @@ def test_readme_commands_serve_then_classify(models, digit):
     proc = subprocess.Popen([sys.executable, "-m", "tfbitmeta.cli", "serve", "--models", str(models), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
         out = classify(digit[0], "--models", models, "--bits", "4", "--server", f"http://127.0.0.1:{port}").output
         assert "via server" in out
     finally:

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -132,15 +131,9 @@ def main(argv=None):
     try:
         import httpx
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("server did not start")
+        from tfbitmeta.serve.runner import wait_healthy
+
+        wait_healthy(f"http://127.0.0.1:{port}", server)
         proc = psutil.Process(server.pid)
         rss_start = proc.memory_info().rss
         asyncio.run(load(port, path, body, args.clients, args.warmup))

@@ -27,6 +27,26 @@ def uvicorn_config(app, cfg: ServeConfig, log_level: str = "warning") -> uvicorn
                           timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 * 1024, server_header=False)
 
 
+def wait_healthy(url: str, process=None, timeout: float = 120.0) -> None:
+    """Poll ``url/healthz`` until it answers 200; raise if ``process`` (a Popen of ``tfbitmeta serve``) exits first
+    or ``timeout`` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process is not None and process.poll() is not None:
+            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise RuntimeError(f"the server exited with code {process.returncode}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} did not become healthy in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 class BackgroundServer:
     """A real uvicorn on a loopback port, in a thread: ``with BackgroundServer(app, cfg) as url: ...``."""
 
