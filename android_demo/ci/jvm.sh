@@ -56,6 +56,11 @@ install_tools() {
 
 setup() {
   local t0=$SECONDS
+  # what CI compiles against must be what the Gradle build uses
+  grep -q '^tensorflowLite = "2.16.1"$' "$HERE/gradle/libs.versions.toml" \
+    || { echo "gradle/libs.versions.toml: tensorflowLite differs from the 2.16.1 jars CI checks against" >&2; exit 1; }
+  grep -q 'compileSdk = 34$' "$HERE/app/build.gradle.kts" \
+    || { echo "app/build.gradle.kts: compileSdk differs from CI's android-all 14 (API 34)" >&2; exit 1; }
   install_tools
   rm -rf "$OUT" && mkdir -p "$OUT"
   step "compile core (Kotlin $KOTLIN_VERSION, JVM target 1.8, no Android/TFLite on the classpath)"
