@@ -27,14 +27,21 @@ ANDROID="$CACHE/android-all-14-robolectric-10818077.jar"
 TFLITE="$CACHE/tensorflow-lite-2.16.1-classes.jar:$CACHE/tensorflow-lite-api-2.16.1-classes.jar"
 
 step() { echo "android_demo: $*"; }
+apt_install() {
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+}
 
 install_tools() {
   mkdir -p "$CACHE"
   if ! command -v javac >/dev/null || ! command -v jdeps >/dev/null; then
-    apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless >/dev/null
+    apt_install openjdk-17-jdk-headless
   fi
   if ! command -v npm >/dev/null; then
-    apt-get install -y -qq --no-install-recommends npm >/dev/null
+    apt_install npm
+  fi
+  if ! command -v aapt2 >/dev/null || [ ! -f /usr/share/android-framework-res/framework-res.apk ]; then
+    apt_install aapt android-framework-res
   fi
   if [ ! -x "$KOTLINC" ] || ! grep -q "\"version\": \"$KOTLIN_VERSION\"" "$K/package.json"; then
     step "npm install kotlin-compiler@$KOTLIN_VERSION"
@@ -73,6 +80,17 @@ setup() {
   "$KOTLINC" -nowarn -jvm-target 17 -no-reflect -cp "$OUT/core:$JUNIT" -d "$OUT/core-test" "$HERE/core/src/test/kotlin"
   step "compile-check app against android-all 14 (API 34) and tensorflow-lite 2.16.1 from Maven Central"
   "$KOTLINC" -nowarn -jvm-target 1.8 -no-reflect -cp "$ANDROID:$TFLITE:$OUT/core" -d "$OUT/app" "$HERE/app/src/main/kotlin"
+  # The manifest, as AGP would give it to aapt2 (AGP adds package= from the namespace): unknown attributes,
+  # missing framework resources (theme) and XML errors fail here. framework-res is Debian's API 29 one.
+  step "aapt2 link of app/src/main/AndroidManifest.xml against framework-res"
+  sed 's|<manifest xmlns:android="http://schemas.android.com/apk/res/android">|<manifest xmlns:android="http://schemas.android.com/apk/res/android" package="com.tfbitmeta.demo.app">|' \
+    "$HERE/app/src/main/AndroidManifest.xml" > "$OUT/AndroidManifest.xml"
+  grep -q 'package="com.tfbitmeta.demo.app"' "$OUT/AndroidManifest.xml" || { echo "unexpected <manifest> tag" >&2; exit 1; }
+  aapt2 link -o "$OUT/manifest-only.apk" -I /usr/share/android-framework-res/framework-res.apk \
+    --manifest "$OUT/AndroidManifest.xml" --min-sdk-version 26 --target-sdk-version 34
+  local activity
+  activity=$(aapt2 dump badging "$OUT/manifest-only.apk" 2>/dev/null | sed -n "s/^launchable-activity: name='\([^']*\)'.*/\1/p")
+  [ -f "$OUT/app/${activity//.//}.class" ] || { echo "launcher activity '$activity' is not a compiled app class" >&2; exit 1; }
   step "setup + compile took $((SECONDS - t0)) s"
 }
 
