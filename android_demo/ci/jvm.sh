@@ -74,7 +74,9 @@ setup() {
   "$KOTLINC" -nowarn -jvm-target 1.8 -no-reflect -d "$OUT/core" "$HERE/core/src/main/kotlin"
   # Android has no java.net.http, java.awt, javax.*, jdk.*, sun.*: core must not use them.
   local bad
-  bad=$(jdeps -verbose:package -cp "$STDLIB" "$OUT/core" | awk '{print $3}' | grep -E '^(java\.net\.http|java\.awt|javax\.|jdk\.|sun\.|android\.|org\.tensorflow)' | sort -u || true)
+  jdeps --multi-release 17 -verbose:package -cp "$STDLIB" "$OUT/core" > "$OUT/core.jdeps"   # fails loudly on error
+  grep -q ' -> kotlin ' "$OUT/core.jdeps" || { echo "jdeps output looks wrong: $OUT/core.jdeps" >&2; exit 1; }
+  bad=$(awk '{print $3}' "$OUT/core.jdeps" | grep -E '^(java\.net\.http|java\.awt|javax\.|jdk\.|sun\.|android\.|org\.tensorflow)' | sort -u || true)
   if [ -n "$bad" ]; then echo "core uses APIs missing on Android or forbidden in core: $bad" >&2; exit 1; fi
   step "compile core tests"
   "$KOTLINC" -nowarn -jvm-target 17 -no-reflect -cp "$OUT/core:$JUNIT" -d "$OUT/core-test" "$HERE/core/src/test/kotlin"

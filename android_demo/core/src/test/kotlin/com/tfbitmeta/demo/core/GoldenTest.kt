@@ -117,6 +117,16 @@ class GoldenTest {
     }
 
     @Test
+    fun `row-format predictions parse like columnar outputs`() {
+        val row = "[0.1,0.2,0.05,0.05,0.1,0.1,0.1,0.1,0.1,0.1]"
+        val a = FallbackClient.parseResponse("{\"predictions\": [$row]}", 10)
+        val b = FallbackClient.parseResponse("{\"outputs\": [$row]}", 10)
+        assertArrayEquals(a, b, 0.0)
+        assertEquals(1, FallbackClient.argmax(a))
+        assertEquals("bad thing", FallbackClient.errorMessage("{\"error\": \"bad thing\", \"code\": \"x\"}"))
+    }
+
+    @Test
     fun `bad server responses are refused`() {
         for (bad in listOf("{}", "{\"outputs\": []}", "{\"outputs\": [[0.5]]}", "[1]", "nonsense",
             "{\"outputs\": [[1,2,3,4,5,6,7,8,9,\"x\"]]}")) {
