@@ -8,7 +8,7 @@
 # goes to android_demo/build-ci/ (ignored by git).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"          # android_demo/
-CACHE="${TFBITMETA_ANDROID_CACHE:-$HOME/.cache/tfbitmeta-android-ci}"
+CACHE="${TFBITMETA_ANDROID_CACHE:-${HOME:-/root}/.cache/tfbitmeta-android-ci}"
 OUT="$HERE/build-ci"
 KOTLIN_VERSION=2.4.20
 MAVEN=https://repo1.maven.org/maven2
