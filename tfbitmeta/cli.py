@@ -372,5 +372,22 @@ def classify(image, models, bits, memory_budget, exit_, server, token, timeout_s
                + (f", server {a.latency_ms['server']:.1f} ms)" if "server" in a.latency_ms else ")"))
 
 
+@main.command("android-assets")
+@click.argument("models", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--run", type=click.Path(path_type=Path), default=None,
+              help="the checkpoint the models came from: writes its first test images as bundled samples")
+@click.option("--samples", type=click.IntRange(1, 100), default=8, show_default=True)
+@user_errors
+def android_assets(models, dest, run, samples):
+    """Copy manifest, front ends (sha256-checked) and sample images into the Android demo's assets folder."""
+    from tfbitmeta.device.android_assets import copy_assets
+
+    r = copy_assets(models, dest, run, samples)
+    click.echo(f"wrote {len(r['front_ends'])} front ends and manifest.json to {dest / 'models'}"
+               + (f", {len(r['samples'])} samples to {dest / 'samples'}" if r["samples"] else
+                  " (no samples: pass --run RUN; the gallery still works)"))
+
+
 if __name__ == "__main__":
     sys.exit(main())

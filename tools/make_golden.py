@@ -4,6 +4,8 @@ For a few test images and several bitwidths writes, under ``--out``:
 * ``img_<i>.png`` -- the input image bytes (grayscale/RGB PNG at the model's input size, so no resize is involved);
 * ``req_<bits>_<i>.json`` / ``resp_<bits>_<i>.json`` -- the exact feature payload the device sends and the bytes a
   real server (started here on a loopback port) answered;
+* ``feat_<bits>_<i>.f32`` -- the front end's float32 ``features`` output (little-endian), from which a device
+  runtime without TFLite (the Android demo's JVM tests) re-derives the request bytes;
 * ``golden.json`` -- per case: the front end used (and its sha256), the expected exit probabilities, the exit
   threshold, the fallback decision, the server's probabilities and the final answer, with sha256 of every file.
 """
@@ -41,6 +43,7 @@ def main(argv=None) -> dict:
 
     from tfbitmeta.data import datasets
     from tfbitmeta.device.runtime import DeviceRuntime, backend_name
+    from tfbitmeta.errors import TfbitmetaError
     from tfbitmeta.meta.run import RunDir, TrainConfig
     from tfbitmeta.quant.bitwidth import parse_config
     from tfbitmeta.serve.app import create_app
@@ -82,6 +85,8 @@ def main(argv=None) -> dict:
                 name = entry["bits"]["name"]
                 (args.out / f"req_{name}_{i}.json").write_bytes(req)
                 (args.out / f"resp_{name}_{i}.json").write_bytes(resp.content)
+                feat = np.ascontiguousarray(out["features"], dtype="<f4").tobytes()
+                (args.out / f"feat_{name}_{i}.f32").write_bytes(feat)
                 th = float(entry["exit_threshold"])
                 fallback = bool(probs.max() < th)
                 cases.append({
@@ -90,13 +95,22 @@ def main(argv=None) -> dict:
                     "exit_probs": [float(v) for v in probs], "exit_label": int(np.argmax(probs)), "exit_threshold": th,
                     "fallback": fallback,
                     "fallback_at_threshold": {str(t): bool(probs.max() < t) for t in (0.1, 0.3, 0.5, 0.9)},
+                    "features": f"feat_{name}_{i}.f32", "features_sha256": sha(feat),
                     "request": f"req_{name}_{i}.json", "request_sha256": sha(req),
                     "response": f"resp_{name}_{i}.json", "response_sha256": sha(resp.content),
                     "server_probs": server_probs, "server_label": int(np.argmax(server_probs)),
                     "final_label": int(np.argmax(server_probs)) if fallback else int(np.argmax(probs)),
                     "true_label": int(labels[i]),
                 })
-    golden = {"format": "tfbitmeta-golden", "version": 1,
+    sizes = sorted({f["bytes"] for f in rt.fronts()})
+    choices = []
+    for budget in sorted({b for s in sizes for b in (s - 1, s)} | {sizes[-1] * 10}):
+        try:
+            choices.append({"memory_budget": budget, "front_end": rt.choose(memory_budget=budget)[0]["path"]})
+        except TfbitmetaError:
+            choices.append({"memory_budget": budget, "front_end": None})
+    golden = {"format": "tfbitmeta-golden", "version": 1, "choices": choices,
+              "default_front_end": rt.choose()[0]["path"],
               "manifest_sha256": sha((args.models / "manifest.json").read_bytes()),
               "labels": rt.manifest["labels"], "tolerance": {"exit_probs": 1 / 256, "server_probs": 1 / 256},
               "command": "uv run python tools/make_golden.py " + " ".join(sys.argv[1:] if argv is None else argv),
