@@ -18,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.convert import AGREEMENT_TARGET
 from tfbitmeta.federated import architectures as A
 from tfbitmeta.federated import backend
-
-AGREEMENT_TARGET = 0.995
 
 
 def is_federated_run(run: Path) -> bool:

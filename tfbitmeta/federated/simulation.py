@@ -23,7 +23,7 @@ from tfbitmeta.federated.client import ClientWork
 from tfbitmeta.federated.executors import LocalExecutor, TffExecutor
 from tfbitmeta.federated.latency import LatencyModel
 from tfbitmeta.federated.server import ServerWork
-from tfbitmeta.quant.bitwidth import DEFAULT_BITS, FP, parse_bit
+from tfbitmeta.quant.bitwidth import DEFAULT_BITS, parse_bit
 
 _BASE = dict(split=True, contrastive=True, sample=True, inner=True, share="bank", personal=True,
              labels_to_server=False, gamma=None, lam=0.0, single_arch=False, centralized=False)

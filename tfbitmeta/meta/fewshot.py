@@ -28,7 +28,7 @@ from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.loop import FitResult, TrainingLoop, checkpoint_bytes
 from tfbitmeta.meta.maml import FOMAML
 from tfbitmeta.meta.protonet import ProtoNet
-from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable, restore_weights, save_weights
+from tfbitmeta.meta.run import RunDir, TrainConfig, open_training_run, restore_weights, save_weights
 from tfbitmeta.models import BitModel, ModelConfig, build
 from tfbitmeta.quant.bitwidth import FP, BitSpace, Config, config_name, parse_bit
 
@@ -218,18 +218,14 @@ def prepare(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float = 2.
             first_last=None, resume: bool = False, progress: bool = True) -> FewShotTrainer:
     from tfbitmeta.meta.train import set_determinism
 
-    if resume:
-        meta = RunDir(out).read_meta()
-        if "fewshot" not in meta:
-            raise TfbitmetaError(f"{out} is not a few-shot run")
-    run = RunDir(check_writable(out))
+    run, meta = open_training_run(out, resume)
+    if resume and "fewshot" not in meta:
+        raise TfbitmetaError(f"{out} is not a few-shot run")
     if resume:
         tcfg = TrainConfig.from_dict(meta["train"])
         fcfg = FewShotConfig.from_dict(meta["fewshot"])
         mcfg = ModelConfig.from_dict(meta["model"])
         norm = Normalization.from_dict(meta["normalization"])
-    elif run.exists() and (run.path / "ckpt").exists():
-        raise TfbitmetaError(f"{out} already holds a run: use --resume to continue it or choose another --out")
     set_determinism(tcfg.seed)
     data = load_omniglot(fcfg.data_dir, seed=tcfg.seed)
     if fcfg.ways > data.train.num_classes:

@@ -59,6 +59,16 @@ def check_writable(out: Path) -> Path:
     return out
 
 
+def open_training_run(out: Path, resume: bool) -> tuple["RunDir", dict | None]:
+    """The run directory a trainer writes to, and (with ``resume``) its metadata, read before anything is created
+    in ``out``.  A new run refuses an ``out`` that already holds one."""
+    meta = RunDir(out).read_meta() if resume else None
+    run = RunDir(check_writable(out))
+    if not resume and run.exists() and (run.path / "ckpt").exists():
+        raise TfbitmetaError(f"{out} already holds a run: use --resume to continue it or choose another --out")
+    return run, meta
+
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)

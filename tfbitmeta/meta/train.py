@@ -8,11 +8,10 @@ import tensorflow as tf
 
 from tfbitmeta.data import datasets
 from tfbitmeta.data.pipeline import Normalization, eval_batches
-from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.evaluate import accuracy_table, write_results
 from tfbitmeta.meta.loop import FitResult, Trainer, checkpoint_bytes
 from tfbitmeta.meta.methods import make_method
-from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
+from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable, open_training_run
 from tfbitmeta.models import ModelConfig, build, min_input_size
 from tfbitmeta.quant.bitwidth import BitSpace, Config
 
@@ -37,15 +36,11 @@ def set_determinism(seed: int):
 
 def prepare(out: Path, tcfg: TrainConfig, mopts: ModelOptions, resume: bool = False):
     """Load data, build the model and the method; write or read run.json.  Returns (run, trainer parts)."""
-    if resume:
-        meta = RunDir(out).read_meta()  # before creating anything in --out
-    run = RunDir(check_writable(out))
+    run, meta = open_training_run(out, resume)
     if resume:
         tcfg = TrainConfig.from_dict(meta["train"])
         mcfg = ModelConfig.from_dict(meta["model"])
         norm = Normalization.from_dict(meta["normalization"])
-    elif run.exists() and (run.path / "ckpt").exists():
-        raise TfbitmetaError(f"{out} already holds a run: use --resume to continue it or choose another --out")
     set_determinism(tcfg.seed)
     splits = datasets.load(tcfg.dataset, seed=tcfg.seed).limit_train(tcfg.limit_train)
     if not resume:
