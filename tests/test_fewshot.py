@@ -18,8 +18,9 @@ from tfbitmeta.data.episodes import EpisodeSampler, Setting
 from tfbitmeta.data.omniglot import load_omniglot, split_alphabets
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.confidence import mean_ci
-from tfbitmeta.meta.fewshot import FewShotConfig, TaskSampler, parse_train_bits, prepare
-from tfbitmeta.meta.protonet import proto_loss, prototypes, squared_distances
+from tfbitmeta.meta.fewshot.config import FewShotConfig, parse_train_bits
+from tfbitmeta.meta.fewshot.protonet import proto_loss, prototypes, squared_distances
+from tfbitmeta.meta.fewshot.trainer import TaskSampler, prepare
 from tfbitmeta.meta.run import TrainConfig
 from tfbitmeta.quant.bitwidth import FP
 

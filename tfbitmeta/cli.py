@@ -46,10 +46,13 @@ def fewshot_options(fn):
     opts = [
         click.option("--data-dir", type=click.Path(path_type=Path), default=Path("../shared/data/omniglot"),
                      show_default=True, help="few-shot: Omniglot zips or extracted <set>/<Alphabet>/<characterNN>/"),
-        click.option("--ways", type=click.IntRange(2), default=5, show_default=True, help="few-shot: N-way"),
+        click.option("--ways", type=click.IntRange(2), default=None,
+                     help="few-shot: N-way of the training episodes [default: 60 ProtoNet, 20 MAML]"),
         click.option("--shots", type=click.IntRange(1), default=1, show_default=True, help="few-shot: K-shot"),
         click.option("--queries", type=click.IntRange(1), default=None,
-                     help="few-shot: training queries per class [default: 15 MAML, 5 ProtoNet]"),
+                     help="few-shot: training queries per class [default: 5 ProtoNet, 15 MAML]"),
+        click.option("--augment/--no-augment", default=True, show_default=True,
+                     help="few-shot: small random shifts/rotations/scale/slant of the training drawings"),
         click.option("--meta-batch", type=click.IntRange(1), default=4, show_default=True,
                      help="few-shot MAML: episodes per outer step"),
         click.option("--inner-steps", type=click.IntRange(0), default=5, show_default=True,
@@ -71,23 +74,31 @@ def is_fewshot_run(run: Path) -> bool:
 
 
 def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, epochs, steps, lr, patience,
-                  ckpt_every, seed, out, resume, quiet, data_dir, ways, shots, queries, meta_batch, inner_steps,
-                  inner_lr, eval_episodes):
-    given = click.get_current_context().get_parameter_source("dataset") != click.core.ParameterSource.DEFAULT
-    if given and dataset != "omniglot":
+                  ckpt_every, seed, out, resume, quiet, data_dir, ways, shots, queries, augment, meta_batch,
+                  inner_steps, inner_lr, eval_episodes):
+    ctx = click.get_current_context()
+
+    def given(name):
+        return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+    if given("dataset") and dataset != "omniglot":
         raise TfbitmetaError(f"few-shot methods run on --dataset omniglot (got {dataset!r})")
-    from tfbitmeta.meta.fewshot import FewShotConfig, parse_train_bits
-    from tfbitmeta.meta.fewshot import train as run_train
-    from tfbitmeta.meta.fewshot_eval import format_rows
+    from tfbitmeta.meta.fewshot.config import METHODS, RECIPE, FewShotConfig, parse_train_bits
+    from tfbitmeta.meta.fewshot.evaluation import format_rows
+    from tfbitmeta.meta.fewshot.trainer import train as run_train
     from tfbitmeta.meta.run import TrainConfig
 
-    maml = method in ("mebqat-maml", "fomaml")
-    fcfg = FewShotConfig(method=method, data_dir=str(data_dir), ways=ways, shots=shots,
-                         queries=queries or (15 if maml else 5), meta_batch=meta_batch, num_tasks=num_tasks,
+    recipe = RECIPE[METHODS[method]]  # the default recipe unless a flag says otherwise
+    fcfg = FewShotConfig(method=method, data_dir=str(data_dir), ways=ways or recipe.ways, shots=shots,
+                         queries=queries or recipe.queries, meta_batch=meta_batch, num_tasks=num_tasks,
                          inner_steps=inner_steps, inner_lr=inner_lr, eval_inner_steps=inner_steps,
-                         train_bits=parse_train_bits(method, bits), eval_episodes=eval_episodes)
-    tcfg = TrainConfig(method=method, dataset="omniglot", epochs=epochs, steps=steps, lr=lr, num_tasks=num_tasks,
-                       seed=seed, ckpt_every=ckpt_every, patience=patience)
+                         train_bits=parse_train_bits(method, bits), eval_episodes=eval_episodes, augment=augment)
+    if not given("epochs") and steps is None:
+        steps = recipe.steps
+    tcfg = TrainConfig(method=method, dataset="omniglot", epochs=epochs, steps=steps,
+                       lr=lr if given("lr") else recipe.lr, num_tasks=num_tasks, seed=seed, ckpt_every=ckpt_every,
+                       patience=patience)
+    width = width if given("width") else recipe.width
     result = run_train(out, tcfg, fcfg, width=width, scheme=scheme,
                        first_last=None if first_last == "auto" else (8 if first_last == "8" else "fp"),
                        resume=resume, progress=not quiet)
@@ -95,7 +106,7 @@ def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, e
     click.echo(f"\n{method} on omniglot ({result['meta']['model']}, {result['meta']['scheme']}): {st['steps']} steps, "
                f"{st['train_seconds']:.0f} s; {result['meta']['episodes']} test episodes of unseen classes, "
                f"ONE checkpoint at every bitwidth:")
-    click.echo(format_rows(result["rows"]))
+    click.echo(format_rows(result["rows"], result["baseline"]))
     click.echo(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_bits.png'}, checkpoints in {out}")
 
 
@@ -184,16 +195,24 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
 @click.option("--episodes", type=click.IntRange(1), default=600, show_default=True,
               help="few-shot runs: test episodes per setting and bitwidth")
-@click.option("--setting", default="train", show_default=True,
-              help="few-shot runs: 'train' (the trained N-way K-shot), 'all' (5w1s,5w5s,20w1s,20w5s) or a list")
+@click.option("--setting", default="20w1s,5w1s", show_default=True,
+              help="few-shot runs: N-way K-shot list like '20w1s,5w5s', 'train' (the trained one) or 'all' "
+                   "(5w1s,5w5s,20w1s,20w5s)")
+@click.option("--test-dir", type=click.Path(path_type=Path), default=None,
+              help="few-shot runs: score on your own new alphabets instead of the run's test alphabets: an "
+                   "images_evaluation folder/zip (<Alphabet>/<characterNN>/*.png) or the all_runs one-shot layout "
+                   "(runNN/class_labels.txt, fixed 20-way episodes)")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="few-shot runs: also score the modified-Hausdorff baseline on the same episodes")
 @user_errors
-def evaluate(run, bits, batch_size, out, as_json, episodes, setting):
+def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, baseline):
     """Evaluate a trained run at many bitwidths (table, results.json, accuracy_vs_bits.png)."""
     if is_fewshot_run(run):
-        from tfbitmeta.meta.fewshot_eval import evaluate_run, format_rows
+        from tfbitmeta.meta.fewshot.evaluation import evaluate_run, format_rows
 
-        result = evaluate_run(run, bits, episodes, setting, out)
-        click.echo(json.dumps(result["rows"], indent=2) if as_json else format_rows(result["rows"]))
+        result = evaluate_run(run, bits, episodes, setting, out, test_dir=test_dir, baseline=baseline)
+        click.echo(json.dumps({k: result[k] for k in ("rows", "baseline")}, indent=2) if as_json
+                   else format_rows(result["rows"], result["baseline"]))
         return
     from tfbitmeta.meta.evaluate import format_table
     from tfbitmeta.meta.train import evaluate as run_evaluate

@@ -21,6 +21,7 @@ class Episode:
     query: np.ndarray  # (N*Q, H, W, C) uint8
     query_labels: np.ndarray  # (N*Q,) int32
     classes: np.ndarray  # (N,) class indices into the split
+    picks: np.ndarray  # (N, K+Q) drawer indices of each class: K support, then Q query
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,4 +71,5 @@ class EpisodeSampler:
             query=imgs[:, s.shots:].reshape(-1, *imgs.shape[2:]),
             query_labels=np.repeat(labels, s.queries),
             classes=classes,
+            picks=picks,
         )

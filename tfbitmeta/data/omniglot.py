@@ -67,12 +67,15 @@ class Omniglot:
         return out
 
 
-def _decode(data: bytes) -> np.ndarray:
+def _decode(data: bytes, size: int | None = IMAGE_SIZE) -> np.ndarray:
+    """PNG bytes -> uint8 strokes bright on 0, box-resized to ``size`` x ``size`` (``None``: native resolution)."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)).convert("L")
     img = Image.fromarray(255 - np.asarray(img, np.uint8))  # strokes bright, background 0
-    return np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), np.uint8)
+    if size is None:
+        return np.asarray(img, np.uint8)
+    return np.asarray(img.resize((size, size), Image.BOX), np.uint8)
 
 
 def _parse_member(parts: list[str]):
@@ -87,12 +90,12 @@ def _parse_member(parts: list[str]):
     return parts[-3], parts[-2], drawer
 
 
-def _read_sources(root: Path) -> tuple[dict, str]:
+def _read_sources(root: Path, size: int | None = IMAGE_SIZE) -> tuple[dict, str]:
     chars: dict[tuple[str, str], dict[int, np.ndarray]] = {}
 
     def add(key, drawer, data):
         if drawer not in chars.setdefault(key, {}):
-            chars[key][drawer] = _decode(data)
+            chars[key][drawer] = _decode(data, size)
 
     zips = sorted(root.glob("*.zip"))
     if zips:
@@ -117,14 +120,14 @@ def _read_sources(root: Path) -> tuple[dict, str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_characters(root: str):
+def _load_characters(root: str, size: int | None = IMAGE_SIZE):
     path = Path(root)
     if not path.exists():
         raise TfbitmetaError(f"Omniglot folder {root} does not exist: pass --data-dir (the project's copy is "
                              f"../shared/data/omniglot); {LAYOUT_HELP}")
     if not path.is_dir():
         raise TfbitmetaError(f"--data-dir {root} is not a folder; {LAYOUT_HELP}")
-    chars, source = _read_sources(path)
+    chars, source = _read_sources(path, size)
     if not chars:
         raise TfbitmetaError(f"no Omniglot images found in {root}: {LAYOUT_HELP}")
     counts = {len(v) for v in chars.values()}
@@ -163,8 +166,10 @@ def rotate_classes(images: np.ndarray, names: list[str]) -> tuple[np.ndarray, li
 
 
 def load_omniglot(data_dir, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.25,
-                  rotations: bool = True) -> Omniglot:
-    keys, images, source = _load_characters(str(Path(data_dir).resolve()))
+                  rotations: bool = True, image_size: int | None = IMAGE_SIZE) -> Omniglot:
+    """The split of the module docstring; ``image_size=None`` keeps the native resolution (the Hausdorff
+    baseline's input), with the same classes and drawers in the same order."""
+    keys, images, source = _load_characters(str(Path(data_dir).resolve()), image_size)
     sizes: dict[str, int] = {}
     for alphabet, _ in keys:
         sizes[alphabet] = sizes.get(alphabet, 0) + 1
@@ -180,3 +185,95 @@ def load_omniglot(data_dir, seed: int = 0, val_fraction: float = 0.15, test_frac
 
     return Omniglot(subset("train", train_a, rotate=rotations), subset("val", val_a), subset("test", test_a),
                     seed, source)
+
+
+# -- a user's test data: new alphabets, or the fixed one-shot runs --------------------------------------------
+def load_test_folder(data_dir, image_size: int | None = IMAGE_SIZE) -> OmniglotSplit:
+    """Every character of ``data_dir`` (the official ``images_evaluation`` layout, zipped or extracted, or any
+    layout of the module docstring) as one test split, no rotations; ``image_size=None``: native resolution."""
+    keys, images, _ = _load_characters(str(Path(data_dir).resolve()), image_size)
+    alphabets = sorted({a for a, _ in keys})
+    return OmniglotSplit("test", images, [f"{a}/{c}" for a, c in keys], alphabets)
+
+
+RUN_LABELS = "class_labels.txt"
+RUNS_HELP = ("expected the one-shot layout: runNN/class_labels.txt with lines 'runNN/test/itemMM.png "
+             "runNN/training/classKK.png', and the images in runNN/test/ and runNN/training/")
+
+
+@dataclasses.dataclass
+class OneShotRun:
+    """One fixed episode: class ``c`` is training image ``c`` (sorted by name) with its test items."""
+    name: str
+    images: np.ndarray  # (N, 1 + Q, 28, 28, 1) uint8: the training drawing, then the Q test drawings of the class
+    native: np.ndarray  # the same at native resolution (the Hausdorff baseline's input)
+    class_files: list[str]
+
+
+def _run_sources(root: Path) -> list[tuple[str, callable]]:
+    """(run name, read(relative path) -> bytes) for every run folder or zip member folder with class labels."""
+    found = []
+    for d in [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))]:
+        if d.is_dir() and (d / RUN_LABELS).is_file():
+            found.append((d.name, lambda rel, d=d: (d / rel).read_bytes()))
+    if found:
+        return found
+    for zp in sorted(root.glob("*.zip")):
+        try:
+            zf = zipfile.ZipFile(zp)
+        except zipfile.BadZipFile:
+            raise TfbitmetaError(f"{zp} is not a valid zip file") from None
+        for member in sorted(n for n in zf.namelist() if n.endswith("/" + RUN_LABELS) or n == RUN_LABELS):
+            prefix = member[: -len(RUN_LABELS)]
+            found.append((Path(prefix).name or zp.stem, lambda rel, zf=zf, p=prefix: zf.read(p + rel)))
+    return found
+
+
+def find_oneshot_runs(root: Path) -> bool:
+    return Path(root).is_dir() and bool(_run_sources(Path(root)))
+
+
+def _run_relative(path: str) -> str:
+    """'run01/test/item01.png' -> 'test/item01.png' (the label file's paths start with the run's folder)."""
+    parts = path.replace("\\", "/").split("/")
+    if len(parts) < 2:
+        raise TfbitmetaError(f"bad path {path!r} in {RUN_LABELS}; {RUNS_HELP}")
+    return "/".join(parts[-2:])
+
+
+def load_oneshot_runs(root) -> list[OneShotRun]:
+    """The runs of the ``all_runs`` one-shot layout under ``root`` (folders, or zips holding them)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TfbitmetaError(f"test folder {root} does not exist; {RUNS_HELP}")
+    runs = []
+    for name, read in _run_sources(root):
+        pairs = []
+        for line in read(RUN_LABELS).decode("utf-8", "replace").splitlines():
+            if line.strip():
+                tokens = line.split()
+                if len(tokens) != 2:
+                    raise TfbitmetaError(f"{name}/{RUN_LABELS}: bad line {line!r}; {RUNS_HELP}")
+                pairs.append((_run_relative(tokens[0]), _run_relative(tokens[1])))
+        if not pairs:
+            raise TfbitmetaError(f"{name}/{RUN_LABELS} is empty; {RUNS_HELP}")
+        classes = sorted({c for _, c in pairs})
+        items = {c: sorted(t for t, cc in pairs if cc == c) for c in classes}
+        if len({len(v) for v in items.values()}) != 1:
+            raise TfbitmetaError(f"{name}: classes have different numbers of test items; the runs need the same "
+                                 f"number per class")
+        try:
+            raw = [[read(c)] + [read(t) for t in items[c]] for c in classes]
+        except (KeyError, FileNotFoundError) as e:
+            raise TfbitmetaError(f"{name}: image missing ({e}); {RUNS_HELP}") from None
+        small = np.stack([np.stack([_decode(b) for b in row]) for row in raw])[..., None]
+        try:
+            native = np.stack([np.stack([_decode(b, None) for b in row]) for row in raw])[..., None]
+        except ValueError:
+            raise TfbitmetaError(f"{name}: images of different sizes") from None
+        runs.append(OneShotRun(name, small, native, classes))
+    if not runs:
+        raise TfbitmetaError(f"no {RUN_LABELS} found in {root}; {RUNS_HELP}")
+    if len({r.images.shape[:2] for r in runs}) != 1:
+        raise TfbitmetaError(f"the runs in {root} differ in classes or test items per class")
+    return runs

@@ -22,9 +22,9 @@ from tfbitmeta.data.omniglot import load_omniglot
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.export.convert import _sha256, convert_part, inspect_tflite, run_tflite
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
-from tfbitmeta.meta.fewshot import SEED_OFFSETS
-from tfbitmeta.meta.fewshot_eval import load_run
-from tfbitmeta.meta.protonet import proto_logits
+from tfbitmeta.meta.fewshot.config import SEED_OFFSETS
+from tfbitmeta.meta.fewshot.evaluation import load_run
+from tfbitmeta.meta.fewshot.protonet import proto_logits
 from tfbitmeta.meta.run import TrainConfig, check_writable
 from tfbitmeta.quant.bitwidth import FP, bits_tensor, config_name, parse_config
 from tfbitmeta.quant.calibration import bn_mode, calibrate_batchnorm

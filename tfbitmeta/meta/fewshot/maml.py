@@ -1,4 +1,4 @@
-"""First-order MAML with the bitwidth as input (MEBQAT-MAML, QAT+FOMAML, vanilla FOMAML), mebqat-spec §1.5.
+"""First-order MAML with the bitwidth as input (MEBQAT-MAML, QAT+FOMAML, vanilla FOMAML), the reference's MAML variant (docs/fewshot.md).
 
 Per episode: copy theta, ``inner_steps`` SGD steps (lr ``inner_lr``) of quantization-aware training on the
 support set *at the episode's bitwidth*, then the gradient of the query loss at the adapted weights (first
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.quant.layers import BitBatchNorm
 
 
@@ -22,9 +23,11 @@ def _bn_params(model):
     return {id(b.gamma) for b in bns}, {id(b.beta) for b in bns}
 
 
-def _logits(model, x, cfg):
+def _logits(model, x, cfg, ways=None):
+    """Logits at ``cfg``; ``ways`` < the head's N uses its first ``ways`` units (an N-way head runs any N' <= N)."""
     bits = tf.tile(cfg[None], [tf.shape(x)[0], 1])
-    return model([x, bits], training=True)["logits"]  # batch-statistics BN
+    logits = model([x, bits], training=True)["logits"]  # batch-statistics BN
+    return logits if ways is None else logits[:, :ways]
 
 
 def _ce(y, logits):
@@ -45,10 +48,10 @@ class FOMAML:
         self._train = tf.function(self._train_step)
         self._eval = {}
 
-    def _adapt(self, xs, ys, cfg, steps):
+    def _adapt(self, xs, ys, cfg, steps, ways=None):
         for _ in range(steps):
             with tf.GradientTape() as tape:
-                loss = _ce(ys, _logits(self.model, xs, cfg))
+                loss = _ce(ys, _logits(self.model, xs, cfg, ways))
             grads = tape.gradient(loss, self.inner_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             for v, g in zip(self.inner_vars, grads):
                 v.assign_sub(self.inner_lr * g)
@@ -81,12 +84,21 @@ class FOMAML:
     def train_step(self, xs, ys, xq, yq, cfgs):
         return self._train(xs, ys, xq, yq, cfgs)
 
-    def _compiled_eval(self, steps: int):
-        if steps not in self._eval:
+    @property
+    def head_ways(self) -> int:
+        return int(self.model.output["logits"].shape[-1])
+
+    def _compiled_eval(self, steps: int, ways: int | None = None):
+        ways = None if ways in (None, self.head_ways) else int(ways)
+        if ways is not None and not 2 <= ways <= self.head_ways:
+            raise TfbitmetaError(f"this MAML model has a {self.head_ways}-way classifier: it cannot run {ways}-way "
+                                 f"episodes")
+        key = (steps, ways)
+        if key not in self._eval:
             def ev(xs, ys, xq, yq, cfg):
                 theta = [tf.identity(v) for v in self.outer_vars]
-                self._adapt(xs, ys, cfg, steps)
-                logits = _logits(self.model, xq, cfg)
+                self._adapt(xs, ys, cfg, steps, ways)
+                logits = _logits(self.model, xq, cfg, ways)
                 loss = _ce(yq, logits)
                 acc = tf.reduce_mean(tf.cast(tf.argmax(logits, -1, tf.int32) == yq, tf.float32))
                 with tf.control_dependencies([loss, acc]):
@@ -94,14 +106,15 @@ class FOMAML:
                         v.assign(t)
                 return tf.identity(loss), tf.identity(acc)
 
-            self._eval[steps] = tf.function(ev)
-        return self._eval[steps]
+            self._eval[key] = tf.function(ev)
+        return self._eval[key]
 
     def episode_loss(self, xs, ys, xq, yq, cfg, steps=None):
         """Query loss and accuracy after adapting a copy of theta on the support set (theta unchanged)."""
         fn = self._compiled_eval(self.inner_steps if steps is None else steps)
         return fn(xs, ys, xq, yq, tf.constant(cfg, tf.float32))
 
-    def evaluate_episode(self, xs, ys, xq, yq, cfg, steps: int) -> float:
-        """Fine-tune on the support set at ``cfg`` (QAT, ``steps`` SGD steps), accuracy on the query set."""
-        return float(self._compiled_eval(steps)(xs, ys, xq, yq, tf.constant(cfg, tf.float32))[1])
+    def evaluate_episode(self, xs, ys, xq, yq, cfg, steps: int, ways: int | None = None) -> float:
+        """Fine-tune on the support set at ``cfg`` (QAT, ``steps`` SGD steps), accuracy on the query set;
+        ``ways`` below the head's N uses the head's first ``ways`` outputs."""
+        return float(self._compiled_eval(steps, ways)(xs, ys, xq, yq, tf.constant(cfg, tf.float32))[1])

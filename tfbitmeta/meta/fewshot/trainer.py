@@ -1,17 +1,11 @@
-"""Few-shot MEBQAT on Omniglot: joint bitwidth and class adaptation (mebqat-spec §1.5, §1.6, §3).
+"""The few-shot trainer: meta-training episodes, bitwidth tasks, validation-based checkpoint selection.
 
-Methods (``tfbitmeta train --method ...``):
-
-* ``mebqat-maml``  -- FOMAML; every episode of the meta-batch draws its own (w, a) from the candidates.
-* ``mebqat-proto`` -- ProtoNet; one episode per step shared by T configurations, losses averaged.
-* ``fomaml``       -- FOMAML at one fixed bitwidth: ``--bits 4`` is the QAT+FOMAML baseline, ``--bits fp`` vanilla MAML.
-* ``protonet``     -- ProtoNet at one fixed bitwidth: QAT+ProtoNet, or vanilla ProtoNet with ``--bits fp``.
-
-Every model is built with the full few-shot candidate space (w in {2..8,16}, a in {2..8,16,fp}, plus (fp,fp):
-73 configurations) so any of them can be evaluated at every bitwidth; the method decides what is trained.
 The step loop is :class:`tfbitmeta.meta.loop.TrainingLoop` (checkpoints, resume, validation, best weights);
 one few-shot "epoch" is ``steps_per_epoch`` (100) optimizer steps, after which validation episodes of unseen
-(validation-alphabet) classes select the best weights.  Optimizer: Adam (mebqat-spec §1.3), no lr decay.
+(validation-alphabet) classes are scored at 2/4/8 bit and fp (adaptive methods) or the trained bitwidth, and the
+best mean is kept as the model.  Training episodes are augmented (:mod:`tfbitmeta.data.augment`) when
+``augment`` is set; validation and test episodes never are.  Optimizer: Adam (mebqat-spec §1.3 of the reference:
+docs/fewshot.md), learning rate cosine-decayed to 0 over the run's steps (``lr_decay="cosine"``).
 """
 from __future__ import annotations
 
@@ -21,85 +15,18 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tfbitmeta.data.augment import AffineJitter
 from tfbitmeta.data.episodes import EpisodeSampler, Setting
 from tfbitmeta.data.omniglot import load_omniglot
 from tfbitmeta.data.pipeline import Normalization
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.meta.fewshot.config import (RECIPE, SEED_OFFSETS, STANDARD_SETTINGS, FewShotConfig, make_algorithm,
+                                           model_space)
+from tfbitmeta.meta.fewshot.evaluation import episode_accuracy, episode_arrays, evaluate_run
 from tfbitmeta.meta.loop import FitResult, TrainingLoop, checkpoint_bytes
-from tfbitmeta.meta.maml import FOMAML
-from tfbitmeta.meta.protonet import ProtoNet
 from tfbitmeta.meta.run import RunDir, TrainConfig, open_training_run, restore_weights, save_weights
 from tfbitmeta.models import BitModel, ModelConfig, build
-from tfbitmeta.quant.bitwidth import FP, BitSpace, Config, config_name, parse_bit
-
-FEWSHOT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, FP)
-"""Per-tensor candidates of the few-shot experiments (no 1-bit): 73 valid (w, a) configurations."""
-
-METHODS = {"mebqat-maml": "maml", "mebqat-proto": "protonet", "fomaml": "maml", "protonet": "protonet"}
-ADAPTIVE_METHODS = ("mebqat-maml", "mebqat-proto")
-SEED_OFFSETS = {"train": 0, "val": 10_000, "test": 20_000}  # episode streams per split are independent
-
-
-@dataclasses.dataclass
-class FewShotConfig:
-    method: str = "mebqat-proto"
-    data_dir: str = "../shared/data/omniglot"
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15  # per class, training episodes (the reference's ProtoNet uses 5 on Omniglot, MAML 15)
-    meta_batch: int = 4  # episodes per MAML step
-    num_tasks: int = 4  # bitwidth configurations per ProtoNet step (mebqat-proto)
-    inner_steps: int = 5
-    inner_lr: float = 0.1
-    eval_inner_steps: int = 5
-    train_bits: tuple[int, ...] = FEWSHOT_BITS  # candidates of mebqat-*, or the one bitwidth of a baseline
-    val_episodes: int = 20
-    eval_episodes: int = 100
-    steps_per_epoch: int = 100
-
-    @property
-    def kind(self) -> str:
-        return METHODS[self.method]
-
-    @property
-    def adaptive(self) -> bool:
-        return self.method in ADAPTIVE_METHODS
-
-    @property
-    def setting(self) -> Setting:
-        return Setting(self.ways, self.shots, self.queries)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["train_bits"] = list(self.train_bits)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FewShotConfig":
-        d = dict(d)
-        d["train_bits"] = tuple(d["train_bits"])
-        return cls(**d)
-
-
-def parse_train_bits(method: str, spec: str) -> tuple[int, ...]:
-    if method not in METHODS:
-        raise TfbitmetaError(f"unknown few-shot method {method!r}; choose from {', '.join(METHODS)}")
-    tokens = [t for t in spec.split(",") if t.strip()]
-    if len(tokens) == 1 and tokens[0].strip().lower() == "all":
-        bits = FEWSHOT_BITS
-    else:
-        bits = tuple(sorted({parse_bit(t) for t in tokens}))
-    if method in ADAPTIVE_METHODS and len(bits) < 2:
-        raise TfbitmetaError(f"{method} adapts across bitwidths: give several candidates (default: all)")
-    if method not in ADAPTIVE_METHODS and len(bits) != 1:
-        raise TfbitmetaError(f"{method} trains at one bitwidth: pass one value, e.g. --bits 4 (QAT baseline) or "
-                             f"--bits fp (vanilla)")
-    return bits
-
-
-def model_space(train_bits) -> BitSpace:
-    return BitSpace(tuple(sorted(set(FEWSHOT_BITS) | set(train_bits))))
-
+from tfbitmeta.quant.bitwidth import FP, BitSpace, Config, config_name
 
 class TaskSampler:
     """The bitwidth configuration(s) of each step: uniform over the valid pairs of the candidates, or fixed."""
@@ -123,17 +50,6 @@ class TaskSampler:
         return [c for c in ((2, 2), (4, 4), (8, 8), (FP, FP)) if c in self.configs] or self.configs[:1]
 
 
-def make_algorithm(bm: BitModel, fcfg: FewShotConfig, optimizer=None, clip: float = 10.0):
-    if fcfg.kind == "maml":
-        return FOMAML(bm.keras, optimizer, fcfg.inner_lr, fcfg.inner_steps, clip)
-    return ProtoNet(bm.keras, optimizer, clip)
-
-
-def episode_arrays(ep, norm: Normalization):
-    """Normalized (support, query) float tensors of an episode."""
-    return norm.apply(ep.support), norm.apply(ep.query)
-
-
 class FewShotTrainer:
     def __init__(self, run: RunDir, bm: BitModel, fcfg: FewShotConfig, tcfg: TrainConfig, data, norm: Normalization,
                  progress: bool = True):
@@ -142,32 +58,47 @@ class FewShotTrainer:
         self.total_steps = tcfg.steps if tcfg.steps else tcfg.epochs * fcfg.steps_per_epoch
         if self.total_steps <= 0:
             raise TfbitmetaError("nothing to train: --epochs and --steps must be positive")
-        self.optimizer = tf.keras.optimizers.Adam(learning_rate=tcfg.lr)
+        lr = tcfg.lr
+        if fcfg.lr_decay == "cosine":
+            lr = tf.keras.optimizers.schedules.CosineDecay(tcfg.lr, self.total_steps)
+        elif fcfg.lr_decay != "none":
+            raise TfbitmetaError(f"unknown lr decay {fcfg.lr_decay!r}: cosine or none")
+        self.optimizer = tf.keras.optimizers.Adam(learning_rate=lr)
+        self.augment = AffineJitter() if fcfg.augment else None
         self.algo = make_algorithm(bm, fcfg, self.optimizer, tcfg.clip)
         train_vars = self.algo.outer_vars if fcfg.kind == "maml" else self.algo.variables
         self.optimizer.build(train_vars)
         self.sampler = TaskSampler(fcfg, tcfg.seed)
         self.train_episodes = EpisodeSampler(data.train.images, fcfg.setting, tcfg.seed + SEED_OFFSETS["train"], "train")
         drawers = int(data.val.images.shape[1])
-        val_setting = Setting(min(fcfg.ways, data.val.num_classes), fcfg.shots, max(1, min(15, drawers - fcfg.shots)))
+        val_ways = min(fcfg.val_ways, fcfg.ways) if fcfg.kind == "maml" else fcfg.val_ways  # a MAML head's N
+        val_setting = Setting(min(val_ways, data.val.num_classes), fcfg.shots,
+                              max(1, min(15, drawers - fcfg.shots)))
         self.val_episodes = EpisodeSampler(data.val.images, val_setting, tcfg.seed + SEED_OFFSETS["val"], "validation")
         self.loop = TrainingLoop(run, self.model, self.optimizer, self.total_steps,
                                  min(fcfg.steps_per_epoch, self.total_steps), tcfg.ckpt_every, tcfg.patience,
                                  self.sampler.n, fcfg.method, progress)
         self._val_cache = None
 
+    def _images(self, x: np.ndarray, index: int):
+        """Normalized training images, augmented by the (seed, index) draw of the handwriting jitter."""
+        return self.norm.apply(self.augment(x, self.tcfg.seed, index) if self.augment else x)
+
     def _inputs(self, step: int):
-        s = self.fcfg.setting
         if self.fcfg.kind == "maml":
-            eps = [self.train_episodes.episode(step * self.sampler.n + b) for b in range(self.sampler.n)]
-            xs = tf.stack([self.norm.apply(e.support) for e in eps])
-            xq = tf.stack([self.norm.apply(e.query) for e in eps])
-            ys = tf.constant(np.stack([e.support_labels for e in eps]))
-            yq = tf.constant(np.stack([e.query_labels for e in eps]))
-            return xs, ys, xq, yq
+            xs, xq, ys, yq = [], [], [], []
+            for b in range(self.sampler.n):
+                i = step * self.sampler.n + b
+                e = self.train_episodes.episode(i)
+                x = self._images(np.concatenate([e.support, e.query]), i)
+                ns = len(e.support)
+                xs.append(x[:ns])
+                xq.append(x[ns:])
+                ys.append(e.support_labels)
+                yq.append(e.query_labels)
+            return tf.stack(xs), tf.constant(np.stack(ys)), tf.stack(xq), tf.constant(np.stack(yq))
         e = self.train_episodes.episode(step)
-        assert e.support.shape[0] == s.ways * s.shots
-        return self.norm.apply(np.concatenate([e.support, e.query]))
+        return self._images(np.concatenate([e.support, e.query]), step)
 
     def fit(self, resume: bool = False) -> FitResult:
         spe = self.loop.spe
@@ -206,15 +137,7 @@ class FewShotTrainer:
         save_weights(self.model, self.run.path / "model", int(self.loop.step.numpy()))
 
 
-def episode_accuracy(algo, xs, xq, ep, cfg: Config, setting: Setting, inner_steps: int) -> float:
-    cfg = (float(cfg[0]), float(cfg[1]))
-    if algo.kind == "maml":
-        return algo.evaluate_episode(xs, tf.constant(ep.support_labels), xq, tf.constant(ep.query_labels), cfg,
-                                     inner_steps)
-    return algo.evaluate_episode(tf.concat([xs, xq], 0), cfg, setting.ways, setting.shots, setting.queries)
-
-
-def prepare(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float = 2.0, scheme: str = "exact",
+def prepare(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float | None = None, scheme: str = "exact",
             first_last=None, resume: bool = False, progress: bool = True) -> FewShotTrainer:
     from tfbitmeta.meta.train import set_determinism
 
@@ -234,6 +157,7 @@ def prepare(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float = 2.
         fcfg = dataclasses.replace(fcfg, data_dir=str(Path(fcfg.data_dir).resolve()))
         x = data.train.images.reshape(-1, *data.train.images.shape[2:])
         norm = Normalization.fit(x)
+        width = RECIPE[fcfg.kind].width if width is None else width
         first_last = first_last if first_last is not None else ("fp" if scheme == "dorefa" else 8)
         mcfg = ModelConfig(family="conv4", input_shape=norm.model_input_shape(1),
                            num_classes=fcfg.ways if fcfg.kind == "maml" else 0, width=width, scheme=scheme,
@@ -244,17 +168,15 @@ def prepare(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float = 2.
     return FewShotTrainer(run, bm, fcfg, tcfg, data, norm, progress)
 
 
-def train(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float = 2.0, scheme: str = "exact",
+def train(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float | None = None, scheme: str = "exact",
           first_last=None, resume: bool = False, progress: bool = True) -> dict:
-    from tfbitmeta.meta.fewshot_eval import evaluate_run
-
     trainer = prepare(out, tcfg, fcfg, width, scheme, first_last, resume, progress)
     fit = trainer.fit(resume=resume)
     trainer.finalize()
     trainer.run.update_status(state="done", steps=fit.steps, backward_passes=fit.backward_passes,
                               train_seconds=round(fit.seconds, 2), best_val=fit.best_val,
                               checkpoint_bytes=checkpoint_bytes(trainer.run.path / "model"))
-    result = evaluate_run(trainer.run.path, "all", trainer.fcfg.eval_episodes, None, progress=progress)
+    result = evaluate_run(trainer.run.path, "all", trainer.fcfg.eval_episodes, STANDARD_SETTINGS, progress=progress)
     result["history"] = fit.history
     result["fit"] = dataclasses.asdict(fit)
     return result
