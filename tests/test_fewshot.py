@@ -14,11 +14,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tfbitmeta.cli import main
+from tfbitmeta.data.augment import AffineJitter
 from tfbitmeta.data.episodes import EpisodeSampler, Setting
-from tfbitmeta.data.omniglot import load_omniglot, split_alphabets
+from tfbitmeta.data.omniglot import find_oneshot_runs, load_omniglot, load_oneshot_runs, split_alphabets
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.confidence import mean_ci
-from tfbitmeta.meta.fewshot.config import FewShotConfig, parse_train_bits
+from tfbitmeta.meta.fewshot.config import RECIPE, FewShotConfig, parse_train_bits
+from tfbitmeta.meta.fewshot.evaluation import evaluate_baseline
+from tfbitmeta.meta.fewshot.hausdorff import HausdorffNearestSupport, modified_hausdorff
 from tfbitmeta.meta.fewshot.protonet import proto_loss, prototypes, squared_distances
 from tfbitmeta.meta.fewshot.trainer import TaskSampler, prepare
 from tfbitmeta.meta.run import TrainConfig
@@ -291,8 +294,8 @@ def test_cli_maml_head_mismatch_and_resume(tmp_path, omni):
             "--out", str(out), "--quiet"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["evaluate", str(out), "--episodes", "2", "--setting", "2w1s"])
-    assert r.exit_code == 1 and "3-way classifier" in r.output
+    r = CliRunner().invoke(main, ["evaluate", str(out), "--episodes", "2", "--setting", "5w1s"])
+    assert r.exit_code == 1 and "3-way classifier" in r.output  # N' <= N runs on the head's first N' units
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "--resume" in r.output
 
@@ -312,3 +315,194 @@ def test_protonet_embedding_exports_to_tflite(tmp_path, omni):
     v = e["verify"]
     assert v["prediction_agreement"] >= 0.8, v
     assert abs(v["tflite_acc"] - v["keras_calibrated_acc"]) <= 0.1, v
+
+
+# -- modified-Hausdorff baseline ------------------------------------------------------------------------------
+def _brute_mhd(a, b):
+    pa, pb = np.argwhere(a), np.argwhere(b)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return max(d.min(1).mean(), d.min(0).mean())
+
+
+def test_modified_hausdorff_matches_the_formula():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.random((30, 30)) < 0.05, rng.random((30, 30)) < 0.08
+        assert modified_hausdorff(a, b) == pytest.approx(_brute_mhd(a, b), rel=1e-5)
+        assert modified_hausdorff(a, b) == pytest.approx(modified_hausdorff(b, a), rel=1e-6)  # symmetric
+    a = np.zeros((20, 20), bool)
+    a[5, 5] = True
+    b = np.zeros((20, 20), bool)
+    b[5, 9] = True
+    b[5, 5] = True
+    # d(A,B) = 0, d(B,A) = (0 + 4) / 2 = 2: the max of the two directed means, not the classic Hausdorff max (4)
+    assert modified_hausdorff(a, b) == pytest.approx(2.0)
+    assert modified_hausdorff(a, a) == 0.0
+    empty = np.zeros((20, 20), bool)
+    assert modified_hausdorff(a, empty) == np.inf and modified_hausdorff(empty, empty) == 0.0
+    img = (a * 255).astype(np.uint8)  # uint8 images, strokes bright
+    assert modified_hausdorff(img, (b * 255).astype(np.uint8)) == pytest.approx(2.0)
+
+
+def test_hausdorff_nearest_support_classifies_shifted_copies():
+    rng = np.random.default_rng(1)
+    protos = [_character(rng) for _ in range(4)]  # True = background
+    images = np.stack([np.stack([~np.roll(p, (k, -k), (0, 1)) for k in range(4)]) for p in protos])
+    images = (images * 255).astype(np.uint8)[..., None]  # (4 classes, 4 drawers, 105, 105, 1), strokes bright
+    clf = HausdorffNearestSupport(images)
+    ep = EpisodeSampler(images, Setting(4, 1, 3), seed=0).episode(0)
+    assert clf.episode_accuracy(ep) == 1.0
+    # the prediction is the label of the support with the smallest MHD, recomputed pairwise
+    n = len(ep.classes)
+    d = np.array([[modified_hausdorff(q[..., 0] > 127, s[..., 0] > 127) for s in ep.support] for q in ep.query])
+    s_idx = (ep.classes, ep.picks[:, 0])
+    q_idx = (np.repeat(ep.classes, 3), ep.picks[:, 1:].ravel())
+    np.testing.assert_array_equal(clf.predict(s_idx, ep.support_labels, q_idx), np.argmin(d, 1))
+    assert n == 4
+
+
+def test_baseline_uses_the_same_episodes_at_native_resolution(omni):
+    small, native = load_omniglot(omni), load_omniglot(omni, rotations=False, image_size=None)
+    assert native.test.images.shape[2:4] == (105, 105) and native.test.class_names == small.test.class_names
+    s = Setting(3, 1, 2)
+    a, b = EpisodeSampler(small.test.images, s, 4).episode(3), EpisodeSampler(native.test.images, s, 4).episode(3)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_array_equal(a.picks, b.picks)
+    row = evaluate_baseline(native.test, s, 6, 0)
+    assert row["method"] == "hausdorff" and row["episodes"] == 6 and row["acc"] > 0.8  # shifted copies: easy
+
+
+# -- handwriting augmentation ---------------------------------------------------------------------------------
+def test_augmentation_is_small_deterministic_and_identity_when_off():
+    x = np.zeros((6, 28, 28, 1), np.uint8)
+    x[:, 10:18, 13:15] = 255  # a vertical stroke
+    jitter = AffineJitter()
+    y1, y2 = jitter(x, 0, 5).numpy(), jitter(x, 0, 5).numpy()
+    np.testing.assert_array_equal(y1, y2)  # (seed, index) fixes the draw
+    assert not np.array_equal(jitter(x, 0, 6).numpy(), y1)
+    assert not np.allclose(y1[0], y1[1])  # each image its own warp
+    np.testing.assert_allclose(AffineJitter(0, 0, 0, 0)(x, 0, 5).numpy(), x)
+    ink = x.sum((1, 2, 3))
+    assert np.all(np.abs(y1.sum((1, 2, 3)) - ink) < 0.35 * ink)  # scale <= 10 %: the stroke mass stays similar
+    com = lambda im: np.array(np.nonzero(im[..., 0] > 64)).mean(1)
+    for a, b in zip(x, y1):
+        assert np.abs(com(a) - com(b)).max() <= 3.5  # shift <= 2 px (+ rotation/scale about the centre)
+    shift = AffineJitter(0, 0, 0, 2.0).matrices(200, 28, 28, np.random.default_rng(0))
+    assert np.abs(shift[:, [2, 5]]).max() <= 2.0 + 1e-5 and np.abs(shift[:, [2, 5]]).max() > 1.5
+
+
+def test_training_episodes_are_augmented_validation_is_not(tmp_path, omni):
+    tr = _trainer(tmp_path, omni, "protonet", steps=2, train_bits=(4,))
+    assert tr.fcfg.augment and tr.augment is not None
+    e = tr.train_episodes.episode(0)
+    plain = tr.norm.apply(np.concatenate([e.support, e.query])).numpy()
+    assert not np.allclose(tr._inputs(0).numpy(), plain)
+    np.testing.assert_array_equal(tr._inputs(0).numpy(), tr._inputs(0).numpy())
+    off = _trainer(tmp_path / "off", omni, "protonet", steps=2, train_bits=(4,), augment=False)
+    np.testing.assert_allclose(off._inputs(0).numpy(), plain)
+    tr.validate()
+    (xs, xq), ep = tr._val_cache[0]
+    np.testing.assert_allclose(xs.numpy(), tr.norm.apply(ep.support).numpy())
+
+
+# -- evaluation on a user's folder ----------------------------------------------------------------------------
+def write_oneshot_runs(root, runs=2, ways=4, seed=3):
+    """The all_runs layout: runNN/{training/classKK.png, test/itemMM.png, class_labels.txt}, test items shuffled."""
+    rng = np.random.default_rng(seed)
+    for r in range(1, runs + 1):
+        d = root / "all_runs" / f"run{r:02d}"
+        (d / "training").mkdir(parents=True)
+        (d / "test").mkdir()
+        order = rng.permutation(ways)
+        lines = []
+        for c in range(ways):
+            base = _character(rng)
+            Image.fromarray(base).convert("1").save(d / "training" / f"class{c + 1:02d}.png")
+            item = order[c] + 1
+            Image.fromarray(np.roll(base, (2, -1), (0, 1))).convert("1").save(d / "test" / f"item{item:02d}.png")
+            lines.append((item, f"run{r:02d}/test/item{item:02d}.png run{r:02d}/training/class{c + 1:02d}.png"))
+        (d / "class_labels.txt").write_text("\n".join(l for _, l in sorted(lines)) + "\n")
+    return root
+
+
+def test_oneshot_runs_layout_is_read_as_fixed_episodes(tmp_path):
+    root = write_oneshot_runs(tmp_path)
+    assert find_oneshot_runs(root) and not find_oneshot_runs(tmp_path / "all_runs" / "run01" / "test")
+    runs = load_oneshot_runs(root)
+    assert [r.name for r in runs] == ["run01", "run02"]
+    r = runs[0]
+    assert r.images.shape == (4, 2, 28, 28, 1) and r.native.shape == (4, 2, 105, 105, 1)
+    assert r.class_files == [f"training/class{c:02d}.png" for c in range(1, 5)]
+    for c in range(4):  # the test item of class c is its training drawing shifted by (2, -1)
+        np.testing.assert_array_equal(np.roll(r.native[c, 0], (2, -1), (0, 1)), r.native[c, 1])
+    zdir = tmp_path / "zipped"
+    zdir.mkdir()
+    with zipfile.ZipFile(zdir / "all_runs.zip", "w") as zf:
+        for p in sorted((root / "all_runs").rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(root).as_posix())
+    z = load_oneshot_runs(zdir)
+    assert [x.name for x in z] == ["run01", "run02"]
+    np.testing.assert_array_equal(z[1].images, runs[1].images)
+    bad = tmp_path / "bad" / "run01"
+    bad.mkdir(parents=True)
+    (bad / "class_labels.txt").write_text("run01/test/item01.png\n")
+    with pytest.raises(TfbitmetaError, match="bad line"):
+        load_oneshot_runs(tmp_path / "bad")
+
+
+def test_cli_evaluate_on_a_users_folders_with_baseline(tmp_path, omni):
+    out = tmp_path / "proto"
+    r = CliRunner().invoke(main, ["train", "--method", "mebqat-proto", "--data-dir", str(omni), "--ways", "3",
+                                  "--steps", "3", "--width", "0.5", "--eval-episodes", "2", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "Hausdorff" in r.output  # the baseline is printed beside the model after training
+    evaluation = write_omniglot(tmp_path / "new", {"Neu": 5, "Zwo": 4}, drawers=6, set_name="images_evaluation",
+                                seed=9)
+    r = CliRunner().invoke(main, ["evaluate", str(out), "--episodes", "3", "--bits", "4,fp", "--setting", "5w1s",
+                                  "--test-dir", str(evaluation), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["test"]["classes"] == 9 and res["meta"]["test"]["alphabets"] == ["Neu", "Zwo"]
+    assert [(x["setting"], x["bits"]) for x in res["rows"]] == [("5w1s", "4"), ("5w1s", "fp")]
+    assert [b["setting"] for b in res["baseline"]] == ["5w1s"] and res["baseline"][0]["acc"] > 0.5
+    runs = write_oneshot_runs(tmp_path / "runs", runs=3, ways=4)
+    r = CliRunner().invoke(main, ["evaluate", str(out), "--bits", "4", "--test-dir", str(runs)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert [(x["setting"], x["episodes"]) for x in res["rows"]] == [("runs4w1s", 3)]
+    assert res["baseline"][0]["episodes"] == 3 and res["baseline"][0]["acc"] == 1.0  # shifted copies
+    assert "Hausdorff" in r.output and "runs4w1s" in r.output
+    r = CliRunner().invoke(main, ["evaluate", str(out), "--test-dir", str(tmp_path / "nothing")])
+    assert r.exit_code == 1 and "Error:" in r.output
+
+
+def test_recipe_is_the_cli_default(tmp_path, omni, monkeypatch):
+    from tfbitmeta.meta.fewshot import config
+
+    base = ["train", "--method", "mebqat-proto", "--data-dir", str(omni), "--eval-episodes", "1", "--quiet"]
+    r = CliRunner().invoke(main, base + ["--steps", "1", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "60-way training needs 60 classes" in r.output  # ProtoNet's default N is 60
+    rec = config.RECIPE["protonet"]
+    monkeypatch.setitem(config.RECIPE, "protonet", config.Recipe(width=0.5, ways=4, queries=2, steps=2, lr=2e-3))
+    out = tmp_path / "recipe"
+    r = CliRunner().invoke(main, base + ["--out", str(out)])  # no --steps/--width/--ways/--lr: all from the recipe
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["model"]["width"] == 0.5 and meta["fewshot"]["ways"] == 4 and meta["fewshot"]["queries"] == 2
+    assert meta["train"]["steps"] == 2 and meta["train"]["lr"] == 2e-3 and meta["status"]["steps"] == 2
+    assert meta["fewshot"]["augment"] is True and meta["fewshot"]["lr_decay"] == "cosine"
+    assert [b["setting"] for b in json.loads((out / "results.json").read_text())["baseline"]] == ["5w1s"]
+    assert rec.width == 4.0  # the committed recipe: the reference's 64 channels
+
+
+def test_maml_head_runs_fewer_ways(tmp_path, omni):
+    tr = _trainer(tmp_path, omni, "fomaml", steps=1, train_bits=(4,))
+    assert tr.algo.head_ways == 3
+    ep = EpisodeSampler(tr.data.test.images, Setting(2, 1, 3), seed=0).episode(0)
+    xs, xq = tr.norm.apply(ep.support), tr.norm.apply(ep.query)
+    acc = tr.algo.evaluate_episode(xs, tf.constant(ep.support_labels), xq, tf.constant(ep.query_labels), (4.0, 4.0),
+                                   1, 2)
+    assert 0.0 <= acc <= 1.0
+    with pytest.raises(TfbitmetaError, match="3-way classifier"):
+        tr.algo.evaluate_episode(xs, tf.constant(ep.support_labels), xq, tf.constant(ep.query_labels), (4.0, 4.0), 1, 4)

@@ -24,7 +24,7 @@ from tfbitmeta.meta.fewshot.config import METHODS, RECIPE, FewShotConfig, parse_
 from tfbitmeta.meta.fewshot.evaluation import evaluate_algorithm, evaluate_baseline, load_run, plot_rows
 from tfbitmeta.meta.fewshot.trainer import train
 from tfbitmeta.meta.run import TrainConfig
-from tfbitmeta.quant.bitwidth import FP, parse_bit
+from tfbitmeta.quant.bitwidth import FP, config_name, parse_bit
 
 SETTINGS = (Setting(20, 1, 15), Setting(5, 1, 15))
 
@@ -74,7 +74,10 @@ def main():
     ap.add_argument("--qat-bits", default="4")
     ap.add_argument("--proto-steps", type=int, default=RECIPE["protonet"].steps)
     ap.add_argument("--maml-steps", type=int, default=RECIPE["maml"].steps)
-    ap.add_argument("--episodes", type=int, default=200, help="test episodes per setting and bitwidth")
+    ap.add_argument("--episodes", type=int, default=150, help="test episodes per setting and bitwidth")
+    ap.add_argument("--maml-episodes", type=int, default=None,
+                    help="test episodes for MAML models (the first N of the same episodes; each needs a fine-tuning "
+                         "per bitwidth) [default: --episodes]")
     ap.add_argument("--only", default=None, help="comma-separated labels' methods to (re)train, e.g. mebqat-proto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="runs/bench_fewshot")
@@ -99,6 +102,10 @@ def main():
           flush=True)
 
     rows, runs_meta = {}, {}
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.reuse and out.with_suffix(".json").exists() \
+        else None
+    if previous and previous["meta"].get("episodes") != args.episodes:
+        previous = None
 
     def write():
         targets = check_targets(rows, base, qat_label, qat)
@@ -108,12 +115,14 @@ def main():
                          if k not in ("reuse", "out", "only", "progress") and v is not None),
                      "dataset": data.describe(), "recipe": {k: vars(v) for k, v in RECIPE.items()},
                      "settings": [s.name for s in SETTINGS], "queries_per_class": 15, "episodes": args.episodes,
+                     "maml_episodes": args.maml_episodes or args.episodes,
                      "baseline": "modified Hausdorff distance, nearest support, native 105x105 drawings",
                      "baseline_seconds": base_seconds, "total_seconds": round(time.perf_counter() - t_start, 1),
                      "machine": platform.platform(), "runs": runs_meta},
-            "targets": targets, "baseline": list(base.values()), "rows": rows}
+            "targets": targets, "baseline": [dict(b, key=k) for k, b in base.items()], "rows": rows}
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        plot_rows(rows, out.with_suffix(".png"), "Omniglot test alphabets", list(base.values()))
+        plot_rows(rows, out.with_suffix(".png"), "Omniglot test alphabets",
+                  [b for k, b in base.items() if "@" not in k])
         return targets
 
     only = set(args.only.split(",")) if args.only else None
@@ -131,11 +140,20 @@ def main():
             train(run, TrainConfig(method=method, dataset="omniglot", steps=steps, lr=recipe.lr, seed=args.seed,
                                    ckpt_every=1000), fcfg, width=recipe.width, progress=args.progress)
         meta, fc, bm, algo, norm = load_run(run)
+        episodes = args.maml_episodes if kind == "maml" and args.maml_episodes else args.episodes
         t0 = time.perf_counter()
-        rows[label] = []
-        for s in SETTINGS:
-            rows[label] += evaluate_algorithm(algo, data.test, norm, s, configs, args.episodes, args.seed,
-                                              fc.eval_inner_steps)
+        cached = previous["rows"].get(label) if not retrain and previous else None
+        if cached and all(r["episodes"] == episodes for r in cached) and \
+                {r["bits"] for r in cached} == {config_name(c) for c in configs}:
+            rows[label] = cached  # same run, same episodes: the rows of the previous write
+        else:
+            rows[label] = []
+            for s in SETTINGS:
+                rows[label] += evaluate_algorithm(algo, data.test, norm, s, configs, episodes, args.seed,
+                                                  fc.eval_inner_steps)
+        if episodes != args.episodes:
+            for s in SETTINGS:
+                base[f"{s.name}@{episodes}"] = evaluate_baseline(native.test, s, episodes, args.seed)
         st = meta["status"]
         runs_meta[label] = {"method": method, "train_bits": bits, "run": str(run), "steps": st.get("steps"),
                             "train_ways": fc.ways, "train_queries": fc.queries, "augment": fc.augment,

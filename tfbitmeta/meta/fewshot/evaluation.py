@@ -234,7 +234,10 @@ def evaluate_run(run_path: Path, bits: str = "all", episodes: int = 600, setting
                 if baseline else None
             test = {"source": fcfg.data_dir, "layout": "the run's test alphabets"}
         test.update({"alphabets": split.alphabets, "classes": split.num_classes})
+        drawers = int(split.images.shape[1])
         for setting in parse_settings(settings, fcfg, algo.kind, head):
+            if setting.shots < drawers < setting.shots + setting.queries:  # fewer than 20 drawings per class
+                setting = Setting(setting.ways, setting.shots, drawers - setting.shots)
             rows += evaluate_algorithm(algo, split, norm, setting, configs, episodes, tcfg.seed,
                                        fcfg.eval_inner_steps, progress, fcfg.method)
             if native is not None:

@@ -4,7 +4,7 @@ The step loop is :class:`tfbitmeta.meta.loop.TrainingLoop` (checkpoints, resume,
 one few-shot "epoch" is ``steps_per_epoch`` (100) optimizer steps, after which validation episodes of unseen
 (validation-alphabet) classes are scored at 2/4/8 bit and fp (adaptive methods) or the trained bitwidth, and the
 best mean is kept as the model.  Training episodes are augmented (:mod:`tfbitmeta.data.augment`) when
-``augment`` is set; validation and test episodes never are.  Optimizer: Adam (mebqat-spec §1.3 of the reference:
+``augment`` is set; validation and test episodes never are.  Optimizer: Adam (as the reference,
 docs/fewshot.md), learning rate cosine-decayed to 0 over the run's steps (``lr_decay="cosine"``).
 """
 from __future__ import annotations
@@ -168,6 +168,15 @@ def prepare(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float | No
     return FewShotTrainer(run, bm, fcfg, tcfg, data, norm, progress)
 
 
+def _after_training_settings(trainer: FewShotTrainer) -> str | None:
+    """The standard settings the test split (and a MAML head) can run, else the trained setting (``None``)."""
+    limit = trainer.data.test.num_classes
+    if trainer.fcfg.kind == "maml":
+        limit = min(limit, trainer.fcfg.ways)
+    fits = [t for t in STANDARD_SETTINGS.split(",") if Setting.parse(t).ways <= limit]
+    return ",".join(fits) or None
+
+
 def train(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float | None = None, scheme: str = "exact",
           first_last=None, resume: bool = False, progress: bool = True) -> dict:
     trainer = prepare(out, tcfg, fcfg, width, scheme, first_last, resume, progress)
@@ -176,7 +185,8 @@ def train(out: Path, tcfg: TrainConfig, fcfg: FewShotConfig, width: float | None
     trainer.run.update_status(state="done", steps=fit.steps, backward_passes=fit.backward_passes,
                               train_seconds=round(fit.seconds, 2), best_val=fit.best_val,
                               checkpoint_bytes=checkpoint_bytes(trainer.run.path / "model"))
-    result = evaluate_run(trainer.run.path, "all", trainer.fcfg.eval_episodes, STANDARD_SETTINGS, progress=progress)
+    result = evaluate_run(trainer.run.path, "all", trainer.fcfg.eval_episodes, _after_training_settings(trainer),
+                          progress=progress)
     result["history"] = fit.history
     result["fit"] = dataclasses.asdict(fit)
     return result
