@@ -75,9 +75,9 @@ def main():
     ap.add_argument("--proto-steps", type=int, default=RECIPE["protonet"].steps)
     ap.add_argument("--maml-steps", type=int, default=RECIPE["maml"].steps)
     ap.add_argument("--episodes", type=int, default=150, help="test episodes per setting and bitwidth")
-    ap.add_argument("--maml-episodes", type=int, default=None,
-                    help="test episodes for MAML models (the first N of the same episodes; each needs a fine-tuning "
-                         "per bitwidth) [default: --episodes]")
+    ap.add_argument("--maml-episodes", type=int, default=60,
+                    help="test episodes for MAML models: the first N of the same episodes, with the baseline on "
+                         "those N too (each episode needs a fine-tuning per bitwidth)")
     ap.add_argument("--only", default=None, help="comma-separated labels' methods to (re)train, e.g. mebqat-proto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="runs/bench_fewshot")

@@ -47,7 +47,7 @@ class Recipe:
 
 RECIPE = {
     "protonet": Recipe(width=4.0, ways=60, queries=5, steps=600, lr=1e-3),
-    "maml": Recipe(width=4.0, ways=20, queries=15, steps=250, lr=1e-3),
+    "maml": Recipe(width=4.0, ways=20, queries=15, steps=150, lr=1e-3),
 }
 
 
