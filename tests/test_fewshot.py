@@ -19,7 +19,7 @@ from tfbitmeta.data.episodes import EpisodeSampler, Setting
 from tfbitmeta.data.omniglot import find_oneshot_runs, load_omniglot, load_oneshot_runs, split_alphabets
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.confidence import mean_ci
-from tfbitmeta.meta.fewshot.config import RECIPE, FewShotConfig, parse_train_bits
+from tfbitmeta.meta.fewshot.config import FewShotConfig, parse_train_bits
 from tfbitmeta.meta.fewshot.evaluation import evaluate_baseline
 from tfbitmeta.meta.fewshot.hausdorff import HausdorffNearestSupport, modified_hausdorff
 from tfbitmeta.meta.fewshot.protonet import proto_loss, prototypes, squared_distances
