@@ -90,6 +90,7 @@ class MainActivity : Activity() {
             }
         })
         preview = ImageView(this).apply {
+            tag = "preview"
             adjustViewBounds = true
             layoutParams = LinearLayout.LayoutParams(ViewGroup.LayoutParams.MATCH_PARENT, 360)
         }
