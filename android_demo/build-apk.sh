@@ -15,8 +15,9 @@ usage: android_demo/build-apk.sh MODELS [options]
   --abi LIST        comma-separated ABIs of the TFLite native library: $ALL_ABIS
                     (default: all four; arm64-v8a alone for a small APK that runs on almost every current phone)
   --out APK         default: android_demo/build/tfbitmeta-demo-debug.apk
-  --keystore FILE   sign with this keystore instead of the Android debug key (~/.android/debug.keystore, generated
-                    with keytool when missing: the key Android Studio uses, so installs over a Gradle build work)
+  --keystore FILE   sign with this keystore instead of the Android debug key (~/.android/debug.keystore or
+                    \$TFBITMETA_DEBUG_KEYSTORE, generated with keytool when missing: the key Android Studio uses,
+                    so \`adb install -r\` over a Gradle debug build works)
   --ks-alias NAME   key alias in --keystore (default: its only key)
   --ks-pass SPEC    keystore password as apksigner takes it: pass:..., env:VAR, file:PATH (default pass:android)
   --key-pass SPEC   key password if it differs from the keystore's
@@ -142,7 +143,7 @@ zipalign -f -p 4 "$W/unsigned.apk" "$W/aligned.apk"
 
 # 4. Sign (v2 + v3: minSdk 26) and verify.
 if [ -z "$KEYSTORE" ]; then
-  KEYSTORE="${HOME:-/root}/.android/debug.keystore"
+  KEYSTORE="${TFBITMETA_DEBUG_KEYSTORE:-${HOME:-/root}/.android/debug.keystore}"
   if [ ! -f "$KEYSTORE" ]; then
     ad_step "generate the Android debug key $KEYSTORE"
     mkdir -p "$(dirname "$KEYSTORE")"

@@ -393,5 +393,36 @@ def android_assets(models, dest, run, samples):
                   " (no samples: pass --run RUN; the gallery still works)"))
 
 
+
+@main.command("android-apk")
+@click.argument("models", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--run", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="the checkpoint the models came from: bundles its first test images as samples")
+@click.option("--abi", default="all", show_default=True,
+              help="ABIs of the TFLite native library: all, or a list of arm64-v8a,armeabi-v7a,x86,x86_64")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="the APK  [default: android_demo/build/tfbitmeta-demo-debug.apk]")
+@click.option("--keystore", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="sign with this keystore instead of the Android debug key")
+@click.option("--ks-alias", default=None, help="key alias in --keystore")
+@click.option("--ks-pass", default=None, help="keystore password as apksigner takes it: pass:..., env:VAR, file:PATH")
+@user_errors
+def android_apk(models, run, abi, out, keystore, ks_alias, ks_pass):
+    """Build the Android demo as a signed APK with MODELS inside (android_demo/build-apk.sh), for `adb install -r`."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "android_demo" / "build-apk.sh"
+    if not script.is_file():
+        raise TfbitmetaError(f"{script} not found: building the APK needs the repository checkout")
+    cmd = ["bash", str(script), str(models), "--abi", abi]
+    for flag, value in (("--run", run), ("--out", out), ("--keystore", keystore), ("--ks-alias", ks_alias),
+                        ("--ks-pass", ks_pass)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    rc = subprocess.call(cmd)
+    if rc:
+        raise click.ClickException(f"{script.name} failed (exit {rc})")
+
+
 if __name__ == "__main__":
     sys.exit(main())

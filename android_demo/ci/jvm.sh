@@ -2,7 +2,6 @@
 # JVM checks of the Android demo without Gradle or an Android SDK (README "Installing the Android demo").
 #   jvm.sh setup          install/cache the tools (ci/tools.sh), compile core (+ Android-safe API guard), its JUnit 5
 #                         tests, app against android-all 14 + tensorflow-lite, and app's Robolectric (JUnit 4) tests
-#                         (which reuse core's test data reader, TestData)
 #   jvm.sh test           run core's JUnit tests (needs TFBITMETA_GOLDEN, TFBITMETA_MODELS, TFBITMETA_SERVER,
 #                         TFBITMETA_TOKEN: tests/test_android.py sets them); prints "N passed, N failed, N skipped"
 #   jvm.sh app-test ASSETS  run the Robolectric tests of MainActivity with ASSETS (models/, samples/) as the app's
@@ -41,7 +40,7 @@ setup() {
   ad_step "compile app against android-all 14 (API 34) and tensorflow-lite 2.16.1"
   "$AD_KOTLINC" -nowarn -jvm-target 1.8 -no-reflect -cp "$android:$tflite:$OUT/core" -d "$OUT/app" "$HERE/app/src/main/kotlin"
   ad_step "compile app's Robolectric tests"
-  "$AD_KOTLINC" -nowarn -jvm-target 17 -no-reflect -cp "$OUT/app:$OUT/core:$OUT/core-test:$robo:$android:$tflite" \
+  "$AD_KOTLINC" -nowarn -jvm-target 17 -no-reflect -cp "$OUT/app:$OUT/core:$robo:$android:$tflite" \
     -d "$OUT/app-test" "$HERE/app/src/test/kotlin"
   ad_step "setup + compile took $((SECONDS - t0)) s"
 }
@@ -103,7 +102,7 @@ run_app_tests() {
   # android-all goes last: Robolectric's own jars must win over the framework classes it instruments.
   java -Xmx2g -Drobolectric.offline=true -Drobolectric.dependency.dir="$(dirname "$android")" \
     -Drobolectric.usePreinstrumentedJars=false -Drobolectric.logging.enabled=false \
-    -cp "$OUT/app-test:$HERE/app/src/test/resources:$w/config:$OUT/app:$OUT/core:$OUT/core-test:$AD_STDLIB:$tflite:$robo:$android" \
+    -cp "$OUT/app-test:$HERE/app/src/test/resources:$w/config:$OUT/app:$OUT/core:$AD_STDLIB:$tflite:$robo:$android" \
     org.junit.runner.JUnitCore $classes > "$w/junit.log" 2>&1
   local rc=$?
   set -e

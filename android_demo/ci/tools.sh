@@ -33,6 +33,8 @@ ad_check_catalog() {
     || ad_die "gradle/libs.versions.toml: kotlin differs from the $AD_KOTLIN_VERSION that ci/tools.sh compiles with"
   grep -q '^tensorflowLite = "2.16.1"$' "$cat" \
     || ad_die "gradle/libs.versions.toml: tensorflowLite differs from the 2.16.1 in ci/artifacts.lock"
+  grep -q '^robolectric = "4.14.1"$' "$cat" \
+    || ad_die "gradle/libs.versions.toml: robolectric differs from the 4.14.1 in ci/artifacts.lock"
   grep -q 'compileSdk = 34$' "$AD_HERE/app/build.gradle.kts" \
     || ad_die "app/build.gradle.kts: compileSdk differs from the android-all 14 (API 34) in ci/artifacts.lock"
 }

@@ -13,7 +13,6 @@ import com.tfbitmeta.demo.core.FrontEndOutput
 import com.tfbitmeta.demo.core.Json
 import com.tfbitmeta.demo.core.Manifest
 import com.tfbitmeta.demo.core.Sha256
-import com.tfbitmeta.demo.core.TestData
 import com.tfbitmeta.demo.core.arr
 import com.tfbitmeta.demo.core.dbl
 import com.tfbitmeta.demo.core.int
@@ -73,8 +72,8 @@ class MainActivityTest {
         }
     }
 
-    private val manifest = TestData.manifest
-    private val tampered: String = System.getenv("TFBITMETA_TAMPERED") ?: error("TFBITMETA_TAMPERED is not set")
+    private val manifest = AppTestData.manifest
+    private val tampered = AppTestData.tampered
     /** The bitwidths whose file is intact, in manifest order. */
     private val usable = manifest.frontEnds.map { it.bitsName }.distinct().filter { it != tampered }
     private val factory = TestFactory()
@@ -161,7 +160,7 @@ class MainActivityTest {
         val adapter = a.view<Spinner>("bits").adapter
         val shown = (0 until adapter.count).map { adapter.getItem(it) as String }
         // straight from manifest.json, not through the app's parser
-        val inFile = Json.parse(TestData.manifestText).obj("manifest")["files"].arr("files").map { it.obj("file") }
+        val inFile = Json.parse(AppTestData.manifestText).obj("manifest")["files"].arr("files").map { it.obj("file") }
             .filter { it["kind"].str("kind") == "front_end" }.map { it["bits"].obj("bits")["name"].str("name") }.distinct()
         assertEquals(listOf("auto") + inFile, shown)
         assertEquals(4, inFile.size)
@@ -204,11 +203,11 @@ class MainActivityTest {
     @Test
     fun unsureExitAsksTheRealServerAndShowsItsAnswerAndBothLatencies() {
         val a = launch()
-        a.set("url", TestData.serverUrl)
-        a.set("token", TestData.token)
+        a.set("url", AppTestData.serverUrl)
+        a.set("token", AppTestData.token)
         a.set("threshold", "")
-        val case = TestData.cases.first { it["bits"].str("bits") == usable[0] }
-        val features = TestData.features(case)
+        val case = AppTestData.cases.first { it["bits"].str("bits") == usable[0] }
+        val features = AppTestData.features(case)
         // a uniform exit: below any manifest threshold > 1/n, so the app must fall back
         factory.output = { FrontEndOutput(FloatArray(manifest.labels.size) { 1f / manifest.labels.size }, features) }
         a.bits(usable[0])
@@ -237,7 +236,7 @@ class MainActivityTest {
         assertTrue(down, line(down, "Prediction:").startsWith("Prediction: ${manifest.labels[5]}  (40.0 %) on the device — OFFLINE"))
         assertTrue(down, line(down, "Offline:").startsWith("Offline: server unreachable: ConnectException"))
         assertTrue(down, down.contains("Fell back to the server: yes"))
-        a.set("url", TestData.serverUrl)
+        a.set("url", AppTestData.serverUrl)
         a.set("token", "not-the-token-0123456789")
         val refused = a.classify()
         assertTrue(refused, refused.contains("on the device — OFFLINE"))
