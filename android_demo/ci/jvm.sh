@@ -18,6 +18,7 @@ setup() {
   local t0=$SECONDS
   ad_check_catalog
   ad_need aapt2 aapt
+  ad_need dexdump dexdump          # tests/test_android.py lists the APK's classes with it
   ad_jdk
   ad_kotlinc
   ad_fetch compile junit5 robolectric
