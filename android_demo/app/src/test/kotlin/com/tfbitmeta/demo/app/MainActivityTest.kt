@@ -261,6 +261,19 @@ class MainActivityTest {
     }
 
     @Test
+    fun theRealTfliteEngineFailingToLoadItsNativeLibraryLeavesTheScreenUsable() {
+        // The app's own factory: on a desktop JVM TFLite's native library cannot load, as on a phone with a wrong ABI.
+        MainActivity.engineFactory = saved
+        val a = launch()
+        a.set("url", "")
+        a.bits(usable[0])
+        val text = a.classify()
+        assertTrue(text, text.startsWith("Error: UnsatisfiedLinkError: Failed to load native TensorFlow Lite methods"))
+        MainActivity.engineFactory = factory
+        assertTrue(a.classify().contains("on the device (early exit)"))
+    }
+
+    @Test
     fun aFrontEndFailingItsSha256IsRefusedOnScreen() {
         val a = launch()
         a.set("url", "")
