@@ -201,3 +201,11 @@ def test_build_apk_from_freshly_converted_models(exported, tiny_run, tmp_path, c
     # a bad ABI is refused before anything is built
     p = subprocess.run(["bash", str(BUILD_APK), str(exported[0]), "--abi", "mips"], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "unknown ABI 'mips'" in p.stderr
+
+
+def test_android_apk_command_runs_the_build_script(exported, tmp_path, capfd):
+    """`tfbitmeta android-apk` hands its options to build-apk.sh (a bad ABI: refused by the script before any build)."""
+    r = CliRunner().invoke(main, ["android-apk", str(exported[0]), "--abi", "arm64-v8a,mips", "--out", str(tmp_path / "x.apk")])
+    assert r.exit_code == 1 and "build-apk.sh failed" in r.output, r.output
+    assert "unknown ABI 'mips'" in capfd.readouterr().err
+    assert not (tmp_path / "x.apk").exists()
