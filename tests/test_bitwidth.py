@@ -5,7 +5,7 @@ from tfbitmeta.quant.bitwidth import DEFAULT_BITS, FP, BitSpace, is_valid_pair, 
 
 
 def test_reference_candidate_counts():
-    assert len(BitSpace(DEFAULT_BITS).configs) == 75  # Yu21 with 1-bit (mebqat-spec §1.1)
+    assert len(BitSpace(DEFAULT_BITS).configs) == 75  # Yu21 with 1-bit (docs/method.md, "Tasks")
     assert len(BitSpace(tuple(b for b in DEFAULT_BITS if b != 1)).configs) == 73  # SAT / LSQ
     assert BitSpace(DEFAULT_BITS, w_eq_a=True).configs == [(b, b) for b in DEFAULT_BITS]
 

@@ -1,4 +1,4 @@
-"""Quantizer values against numbers computed by hand from mebqat-spec §2.1, and STE gradients."""
+"""Quantizer values against numbers computed by hand from docs/quantizers.md ("dorefa", "exact"), and STE gradients."""
 import numpy as np
 import pytest
 import tensorflow as tf

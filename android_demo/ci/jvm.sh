@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# JVM checks of the Android demo without Gradle or an Android SDK (android-build.md §7-§8).
+# JVM checks of the Android demo without Gradle or an Android SDK (docs/android.md).
 #   jvm.sh setup   install/cache the tools, compile core (+ Android-safe API guard), its tests, and compile-check app
 #   jvm.sh test    run core's JUnit tests (needs TFBITMETA_GOLDEN, TFBITMETA_MODELS, TFBITMETA_SERVER, TFBITMETA_TOKEN:
 #                  tests/test_android.py sets them) and print "N passed, N failed, N skipped"
