@@ -120,18 +120,24 @@ _BIT_ARGS = """scheme: quantizer scheme, a key of :data:`~tfbitmeta.quant.quanti
         candidates: the model's candidate bitwidths (:class:`~tfbitmeta.quant.bitwidth.BitSpace`); default all."""
 
 
-@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
-class QConv2D(_QuantizedKernel, tf.keras.layers.Conv2D):
-    __doc__ = f"""Conv2D with a fake-quantized kernel at the bitwidth given by the ``bits`` input.
+def _kernel_layer_doc(summary: str, base: str, own_args: str) -> str:
+    """The docstring of a quantized kernel layer: its summary, its own arguments, then the shared ones."""
+    return f"""{summary}
 
     Called on ``[x, bits]``.
 
     Args:
-        filters: output channels.
-        kernel_size: an int or a pair.
+        {own_args}
         {_BIT_ARGS}
-        **kwargs: any :class:`tf.keras.layers.Conv2D` argument (the kernel initializer defaults to PyTorch's).
+        **kwargs: any :class:`{base}` argument (the kernel initializer defaults to PyTorch's).
     """
+
+
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
+class QConv2D(_QuantizedKernel, tf.keras.layers.Conv2D):
+    __doc__ = _kernel_layer_doc("Conv2D with a fake-quantized kernel at the bitwidth given by the ``bits`` input.",
+                                "tf.keras.layers.Conv2D",
+                                "filters: output channels.\n        kernel_size: an int or a pair.")
 
     reduce_axes = (0, 1, 2)
 
@@ -146,15 +152,8 @@ class QConv2D(_QuantizedKernel, tf.keras.layers.Conv2D):
 
 @tf.keras.utils.register_keras_serializable(package="tfbitmeta")
 class QDepthwiseConv2D(_QuantizedKernel, tf.keras.layers.DepthwiseConv2D):
-    __doc__ = f"""DepthwiseConv2D with a fake-quantized depthwise kernel at the bitwidth of the ``bits`` input.
-
-    Called on ``[x, bits]``.
-
-    Args:
-        kernel_size: an int or a pair.
-        {_BIT_ARGS}
-        **kwargs: any :class:`tf.keras.layers.DepthwiseConv2D` argument (initializer defaults to PyTorch's).
-    """
+    __doc__ = _kernel_layer_doc("DepthwiseConv2D with a fake-quantized kernel at the bitwidth of the ``bits`` input.",
+                                "tf.keras.layers.DepthwiseConv2D", "kernel_size: an int or a pair.")
 
     kernel_attr = "depthwise_kernel"
     reduce_axes = (0, 1)
@@ -171,15 +170,8 @@ class QDepthwiseConv2D(_QuantizedKernel, tf.keras.layers.DepthwiseConv2D):
 
 @tf.keras.utils.register_keras_serializable(package="tfbitmeta")
 class QDense(_QuantizedKernel, tf.keras.layers.Dense):
-    __doc__ = f"""Dense with a fake-quantized kernel at the bitwidth given by the ``bits`` input.
-
-    Called on ``[x, bits]``.
-
-    Args:
-        units: output features.
-        {_BIT_ARGS}
-        **kwargs: any :class:`tf.keras.layers.Dense` argument (the kernel initializer defaults to PyTorch's).
-    """
+    __doc__ = _kernel_layer_doc("Dense with a fake-quantized kernel at the bitwidth given by the ``bits`` input.",
+                                "tf.keras.layers.Dense", "units: output features.")
 
     reduce_axes = (0,)
 
