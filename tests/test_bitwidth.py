@@ -37,3 +37,47 @@ def test_slot_table_matches_configs():
     for i, (w, a) in enumerate(space.configs):
         assert table[w, a] == i
     assert (table >= 0).sum() == 75
+
+
+def test_parse_bits_is_the_one_list_parser():
+    from tfbitmeta.errors import BadArgument
+    from tfbitmeta.quant.bitwidth import parse_bit, parse_bits
+
+    assert parse_bits("all") == DEFAULT_BITS
+    assert parse_bits("all", all_bits=(2, 4)) == (2, 4)
+    assert parse_bits("8, 2,fp,2") == (2, 8, FP)
+    assert parse_bits("8,2,fp,2", keep_order=True) == (8, 2, FP)
+    assert parse_bits("1,16", allowed=(1, 16)) == (1, 16)
+    assert parse_bit("FP32") == parse_bit("none") == parse_bit("32") == FP
+    assert parse_bit("1") == 1 and parse_bit(" 16 ") == 16
+    for bad, match in [("0", "bad bitwidth"), ("17", "bad bitwidth"), ("x", "bad bitwidth"), (",", "no bitwidth"),
+                       ("", "no bitwidth")]:
+        with pytest.raises(BadArgument, match=match) as e:
+            parse_bits(bad)
+        assert e.value.param == "bits"
+    with pytest.raises(BadArgument, match="bitwidth 16 not allowed here: use 1, 2, fp") as e:
+        parse_bits("2,16", allowed=(1, 2, FP), param="client_bits")
+    assert e.value.param == "client_bits"
+
+
+def test_errors_are_value_errors_with_narrow_kinds():
+    from tfbitmeta.errors import BadArgument, DataMissing
+
+    assert issubclass(TfbitmetaError, ValueError)
+    assert issubclass(BadArgument, TfbitmetaError) and issubclass(DataMissing, TfbitmetaError)
+    assert not issubclass(BadArgument, DataMissing)
+    assert TfbitmetaError("x").param is None and BadArgument("x", param="bits").param == "bits"
+
+
+def test_invalid_pairs_follow_the_reference_rules():
+    assert is_valid_pair(1, 1) and is_valid_pair(1, FP) and is_valid_pair(FP, FP) and is_valid_pair(2, FP)
+    assert not is_valid_pair(FP, 8) and not is_valid_pair(1, 2) and not is_valid_pair(4, 1)
+    space = BitSpace((1, 2, FP), w_eq_a=False)
+    assert space.configs == [(1, 1), (1, FP), (2, 2), (2, FP), (FP, FP)]
+    assert BitSpace((4, 2, 4), w_eq_a=True).configs == [(2, 2), (4, 4)]
+    assert space.slot((2, FP)) == 3
+    with pytest.raises(TfbitmetaError, match="empty"):
+        BitSpace(())
+    with pytest.raises(TfbitmetaError, match="bad candidate"):
+        BitSpace((2, 20))
+    assert BitSpace.from_config(space.to_config()) == space
