@@ -75,3 +75,16 @@ def test_no_reference_to_documents_outside_the_repository():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
             if NOTES.search(line) and p.name != "test_docs.py"]
     assert not hits, hits
+
+
+def test_cli_import_and_group_help_need_no_tensorflow():
+    """`tfbitmeta --help` stays instant: the option registries are imported only when a command needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from tfbitmeta.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_federated') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
