@@ -91,12 +91,6 @@ def with_flag(message: str, param: str | None) -> str:
     return f"{message} ({opts[0]})" if opts and opts[0] not in message else message
 
 
-def parse_bits(spec: str) -> tuple[int, ...]:
-    from tfbitmeta.quant.bitwidth import parse_bits as parse
-
-    return parse(spec)
-
-
 def fewshot_kind(method: str) -> str | None:
     """``"maml"`` or ``"protonet"`` for a few-shot method, None for the MEBQAT methods."""
     return None if method in registry(MEBQAT_METHODS) else registry(FEWSHOT_METHODS)[method]
@@ -210,6 +204,8 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
     if fewshot_kind(method):
         return train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, epochs, steps, lr,
                              patience, ckpt_every, seed, out, resume, quiet, **fewshot)
+    from tfbitmeta.quant.bitwidth import parse_bits
+
     bit_values = parse_bits(bits)
     if method == "dedicated":
         if len(bit_values) != 1:
