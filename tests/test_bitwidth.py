@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from tfbitmeta.errors import TfbitmetaError
@@ -81,3 +82,33 @@ def test_invalid_pairs_follow_the_reference_rules():
     with pytest.raises(TfbitmetaError, match="bad candidate"):
         BitSpace((2, 20))
     assert BitSpace.from_config(space.to_config()) == space
+
+
+def test_names_constants_and_parse_edge_cases():
+    from tfbitmeta.errors import BadArgument
+    from tfbitmeta.quant.bitwidth import MAX_BITS, config_name
+
+    assert FP == MAX_BITS == 32 and DEFAULT_BITS == (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+    assert [config_name(c) for c in [(4, 4), (4, 8), (FP, FP), (2, FP), (16, 8)]] == ["4", "w4a8", "fp", "w2afp",
+                                                                                     "w16a8"]
+    assert parse_config("w16a8") == (16, 8) and parse_config("float") == (FP, FP) and parse_config("8/fp") == (8, FP)
+    for bad in ("4/8/2", "w4", "wxa2"):
+        with pytest.raises(BadArgument):
+            parse_config(bad)
+    assert is_valid_pair(FP, 8) is False and is_valid_pair(1, 2) is False and is_valid_pair(4, 1) is False
+    with pytest.raises(BadArgument, match="bad candidate"):
+        BitSpace((2, 17))
+    assert BitSpace((16, FP)).bits == (16, FP)
+
+
+def test_slot_table_parse_pairs_and_bits_tensor():
+    from tfbitmeta.quant.bitwidth import bits_tensor
+
+    space = BitSpace((2, 4, FP))
+    table = space.slot_table()
+    assert table.shape == (FP + 1, FP + 1) and table.dtype == np.int32
+    assert table[3, 3] == -1 and table[FP, 2] == -1 and (table >= 0).sum() == len(space.configs)
+    assert space.parse("pairs") == space.configs and space.parse(["2", "4/fp"]) == [(2, 2), (4, FP)]
+    t = bits_tensor((4, 8), 3).numpy()
+    np.testing.assert_array_equal(t, [[4, 8]] * 3)
+    assert t.dtype == np.float32
