@@ -92,7 +92,7 @@ def test_names_constants_and_parse_edge_cases():
     assert [config_name(c) for c in [(4, 4), (4, 8), (FP, FP), (2, FP), (16, 8)]] == ["4", "w4a8", "fp", "w2afp",
                                                                                      "w16a8"]
     assert parse_config("w16a8") == (16, 8) and parse_config("float") == (FP, FP) and parse_config("8/fp") == (8, FP)
-    for bad in ("4/8/2", "w4", "wxa2"):
+    for bad in ("4/8/2", "w4", "wxa2", "w4a8a"):
         with pytest.raises(BadArgument):
             parse_config(bad)
     assert is_valid_pair(FP, 8) is False and is_valid_pair(1, 2) is False and is_valid_pair(4, 1) is False

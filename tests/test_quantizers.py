@@ -68,12 +68,14 @@ def test_exact_8bit_close_to_float():
 @pytest.mark.parametrize("name", sorted(SCHEMES))
 def test_weight_ste_gradient(name):
     w = tf.Variable(np.random.default_rng(1).normal(0, 0.1, size=(8, 4)).astype(np.float32))
-    for bits in (2.0, 4.0, float(FP)):
+    for bits in (1.0, 2.0, 4.0, float(FP)):
         with tf.GradientTape() as tape:
             y = tf.reduce_sum(get_scheme(name).quantize_weight(w, f(bits), [0]) * 3.0)
         g = tape.gradient(y, w).numpy()
         assert np.isfinite(g).all() and np.abs(g).sum() > 0
-        if name == "exact":  # identity inside the clipping range, zero outside
+        if name == "dorefa" and bits == 1.0:  # sign(W / E) * E with an identity STE: d/dW = (1 / E) * E = 1
+            np.testing.assert_allclose(g, 3.0, rtol=1e-5)
+        if name == "exact" and bits > 1.0:  # identity inside the clipping range, zero outside
             assert np.all(np.isclose(g, 0.0) | np.isclose(g, 3.0, rtol=1e-5))
             assert np.isclose(g, 3.0, rtol=1e-5).mean() > 0.5
 
