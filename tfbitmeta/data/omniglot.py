@@ -16,7 +16,7 @@ name and permuted with ``numpy.random.default_rng(seed)``; alphabets are then as
 at least ``test_fraction`` of the characters, then to *validation* until it holds ``val_fraction``, the rest to
 *train*.  With the project's two small background sets (8 distinct alphabets, 242 characters) and seed 0 this
 gives the split printed by ``tfbitmeta`` and recorded in ``run.json``.  Only the training classes are augmented
-with 90/180/270 degree rotations, each rotation a new class (mebqat-spec §3), so train has 4x its characters.
+with 90/180/270 degree rotations, each rotation a new class (docs/data.md), so train has 4x its characters.
 """
 from __future__ import annotations
 

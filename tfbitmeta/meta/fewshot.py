@@ -1,4 +1,4 @@
-"""Few-shot MEBQAT on Omniglot: joint bitwidth and class adaptation (mebqat-spec §1.5, §1.6, §3).
+"""Few-shot MEBQAT on Omniglot: joint bitwidth and class adaptation (docs/method.md, "Few-shot variants").
 
 Methods (``tfbitmeta train --method ...``):
 
@@ -11,7 +11,7 @@ Every model is built with the full few-shot candidate space (w in {2..8,16}, a i
 73 configurations) so any of them can be evaluated at every bitwidth; the method decides what is trained.
 The step loop is :class:`tfbitmeta.meta.loop.TrainingLoop` (checkpoints, resume, validation, best weights);
 one few-shot "epoch" is ``steps_per_epoch`` (100) optimizer steps, after which validation episodes of unseen
-(validation-alphabet) classes select the best weights.  Optimizer: Adam (mebqat-spec §1.3), no lr decay.
+(validation-alphabet) classes select the best weights.  Optimizer: Adam (docs/method.md, "Few-shot variants"), no lr decay.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""First-order MAML with the bitwidth as input (MEBQAT-MAML, QAT+FOMAML, vanilla FOMAML), mebqat-spec §1.5.
+"""First-order MAML with the bitwidth as input (MEBQAT-MAML, QAT+FOMAML, vanilla FOMAML), docs/method.md, "Few-shot variants".
 
 Per episode: copy theta, ``inner_steps`` SGD steps (lr ``inner_lr``) of quantization-aware training on the
 support set *at the episode's bitwidth*, then the gradient of the query loss at the adapted weights (first

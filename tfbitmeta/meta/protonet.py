@@ -1,9 +1,9 @@
 """Prototypical networks with the bitwidth as input (MEBQAT-PN, QAT+ProtoNet, vanilla ProtoNet).
 
 Episodes are class-major.  Prototypes are the class means of the support embeddings; the logits of a query are
-the *negative squared Euclidean* distances to the prototypes (Snell et al.; mebqat-spec §1.6); loss = CE on the
+the *negative squared Euclidean* distances to the prototypes (Snell et al.; docs/method.md, "Few-shot variants"); loss = CE on the
 queries.  BatchNorm normalizes with the statistics of the batch the model sees: support and query embedded
-together (the reference's transductive setting, mebqat-spec §2.3).
+together (the reference's transductive setting, docs/method.md, "BatchNorm").
 """
 from __future__ import annotations
 
