@@ -2,15 +2,39 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 from tfbitmeta.federated.workers import reap_workers, worker_processes  # noqa: E402
 
 
+WORKER_PID_FILE = os.environ.get("TFBITMETA_WORKER_PIDS")
+"""Set by ``.ci/run``: every TFF worker this session starts is recorded there ("pid create_time" lines), so the
+CI safety net stops and checks only processes of this run, never other jobs' workers."""
+
+
+def record_workers() -> None:
+    if WORKER_PID_FILE:
+        with open(WORKER_PID_FILE, "a") as f:
+            for p in worker_processes():
+                try:
+                    f.write(f"{p.pid} {p.create_time()}\n")
+                except psutil.NoSuchProcess:
+                    pass
+
+
+@pytest.fixture(autouse=True)
+def _record_tff_workers():
+    """After each test, record the worker_binary processes this session started (for .ci/run)."""
+    yield
+    record_workers()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _reap_tff_workers():
-    """TFF's worker_binary outlives Python and holds stdout: never leave one behind (stack-facts §1.7)."""
+    """TFF's worker_binary outlives Python and holds stdout: never leave one behind (docs/stack.md, "The worker_binary")."""
     yield
+    record_workers()
     reap_workers()
     assert not worker_processes(), "a TFF worker_binary survived the test session"
 
@@ -26,6 +50,7 @@ def tiny_run(tmp_path_factory):
     r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--steps", "200", "--batch-size", "32",
                                   "--bits", "2,4,8,fp", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
+    (out.parent / "tiny_train_output.txt").write_text(r.output)  # what the user saw (test_cli reads it)
     return out
 
 
@@ -41,7 +66,14 @@ def exported(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
     r = CliRunner().invoke(main, ["convert", str(tiny_run), "--bits", "2,4,8,fp", "--out", str(out), "--verify",
                                   "--verify-images", "200", "--no-latency"])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
     manifest = json.loads((out / "manifest.json").read_text())
+    # --verify exits 1 exactly when a verified file misses the parity target, and names those files
+    failed = [f["path"] for f in manifest["files"] if not f["verify"]["passed"]]
+    assert r.exit_code == (1 if failed else 0), r.output
+    if failed:
+        last = [line for line in r.output.splitlines() if line.strip()][-1]
+        assert last.startswith("Error: parity below") and all(p in last for p in failed), r.output
     return out, manifest, r
 
 

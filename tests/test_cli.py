@@ -26,6 +26,17 @@ def test_train_prints_table_and_writes_results(tiny_run):
     res = json.loads((tiny_run / "results.json").read_text())
     assert [r["bits"] for r in res["rows"]] == ["2", "4", "8", "fp"]
     assert all(0.0 <= r["logits"] <= 1.0 for r in res["rows"])
+    # the printed table: a header naming the heads, then one row per bitwidth with the accuracies of results.json
+    lines = (tiny_run.parent / "tiny_train_output.txt").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "test accuracy of ONE checkpoint" in line)
+    header = lines[start + 1].split()
+    assert header[0] == "bits" and "logits" in header and "exit3" in header, lines
+    printed = {cells[0]: cells[1:] for cells in (line.split() for line in lines[start + 2:start + 6])}
+    assert list(printed) == ["2", "4", "8", "fp"], lines
+    for row in res["rows"]:
+        for col, cell in zip(header[1:], printed[row["bits"]]):
+            assert cell == f"{100 * row[col]:.2f}%", (col, row, lines)
+    assert f"wrote {tiny_run / 'results.json'}" in "\n".join(lines)
     assert (tiny_run / "accuracy_vs_bits.png").stat().st_size > 1000
     assert list((tiny_run / "tb").iterdir())
 
@@ -47,6 +58,15 @@ def test_bitwidth_outside_candidate_set(tiny_run):
 def test_unknown_dataset_and_model(tmp_path):
     assert_user_error(run("train", "--dataset", "cifar11", "--out", tmp_path / "a"), "unknown dataset")
     assert_user_error(run("train", "--model", "vgg", "--out", tmp_path / "b"), "unknown model")
+
+
+def test_library_errors_get_their_flag_from_the_cli(tmp_path):
+    """Library messages name arguments, not flags; the CLI appends the flag of the argument at fault."""
+    assert_user_error(run("train", "--model", "vgg", "--out", tmp_path / "a"), "(--model)")
+    r = run("train", "--batch-size", "100000", "--steps", "1", "--out", tmp_path / "b")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: batch size 100000 is larger than the training set (1294 images) (--batch-size)"], r.output
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):

@@ -386,7 +386,9 @@ def test_augmentation_is_small_deterministic_and_identity_when_off():
     np.testing.assert_allclose(AffineJitter(0, 0, 0, 0)(x, 0, 5).numpy(), x)
     ink = x.sum((1, 2, 3))
     assert np.all(np.abs(y1.sum((1, 2, 3)) - ink) < 0.35 * ink)  # scale <= 10 %: the stroke mass stays similar
-    com = lambda im: np.array(np.nonzero(im[..., 0] > 64)).mean(1)
+    def com(im):
+        return np.array(np.nonzero(im[..., 0] > 64)).mean(1)
+
     for a, b in zip(x, y1):
         assert np.abs(com(a) - com(b)).max() <= 3.5  # shift <= 2 px (+ rotation/scale about the centre)
     shift = AffineJitter(0, 0, 0, 2.0).matrices(200, 28, 28, np.random.default_rng(0))
@@ -423,7 +425,7 @@ def write_oneshot_runs(root, runs=2, ways=4, seed=3):
             item = order[c] + 1
             Image.fromarray(np.roll(base, (2, -1), (0, 1))).convert("1").save(d / "test" / f"item{item:02d}.png")
             lines.append((item, f"run{r:02d}/test/item{item:02d}.png run{r:02d}/training/class{c + 1:02d}.png"))
-        (d / "class_labels.txt").write_text("\n".join(l for _, l in sorted(lines)) + "\n")
+        (d / "class_labels.txt").write_text("\n".join(line for _, line in sorted(lines)) + "\n")
     return root
 
 

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from tfbitmeta.quant import CUSTOM_OBJECTS, BitBatchNorm, BitSpace, QConv2D, QDense, QDepthwiseConv2D, QReLU, bits_tensor
 from tfbitmeta.quant.bitwidth import FP
-from tfbitmeta.quant.calibration import bn_mode, calibrate_batchnorm
+from tfbitmeta.quant.calibration import calibrate_batchnorm, with_bn_statistics
 from tfbitmeta.quant.quantizers import get_scheme
 
 X = tf.constant(np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype(np.float32))
@@ -64,6 +64,7 @@ def test_serialization_round_trip(tmp_path, fmt):
     model = small_model("dorefa")
     cfg = model.get_config()
     layer_cfgs = [c["config"] for c in cfg["layers"] if c["class_name"] in CUSTOM_OBJECTS]
+    assert len(layer_cfgs) == 5
     assert all(c["candidates"]["bits"] == [2, 4, 8, FP] for c in layer_cfgs)
     assert all(c["scheme"] == "dorefa" for c in layer_cfgs if "scheme" in c)
     path = str(tmp_path / ("m.keras" if fmt == "keras" else "saved"))
@@ -74,6 +75,12 @@ def test_serialization_round_trip(tmp_path, fmt):
                                    loaded([X, bits_tensor(c, 4)], training=True).numpy(), atol=1e-5)
     rebuilt = tf.keras.Model.from_config(cfg, custom_objects=CUSTOM_OBJECTS)
     assert rebuilt.count_params() == model.count_params()
+    # registered with Keras (package "tfbitmeta"): no custom_objects needed, candidates revived as a BitSpace
+    reloaded = tf.keras.models.load_model(path)
+    assert all(isinstance(layer.candidates, BitSpace) for layer in reloaded.layers if hasattr(layer, "candidates"))
+    assert tf.keras.utils.get_registered_name(QConv2D) == "tfbitmeta>QConv2D"
+    np.testing.assert_allclose(model([X, bits_tensor((4, 4), 4)], training=True).numpy(),
+                               reloaded([X, bits_tensor((4, 4), 4)], training=True).numpy(), atol=1e-5)
 
 
 def test_calibrated_bn_batch1_equals_batched_and_slots_differ():
@@ -97,7 +104,24 @@ def test_calibrated_bn_batch1_equals_batched_and_slots_differ():
         single = np.concatenate([model([x[i:i + 1], bits_tensor(cfg, 1)], training=False).numpy() for i in range(8)])
         np.testing.assert_allclose(single, batched, atol=1e-5)
     # the reference's batch-statistics BN cannot run batch-1: a single image normalizes to beta
-    with bn_mode(model, "batch"):
-        batched = model([x, bits_tensor((4, 4), 8)], training=False).numpy()
-        single = np.concatenate([model([x[i:i + 1], bits_tensor((4, 4), 1)], training=False).numpy() for i in range(8)])
+    batch_bn = with_bn_statistics(model, "batch")
+    batched = batch_bn([x, bits_tensor((4, 4), 8)], training=False).numpy()
+    single = np.concatenate([batch_bn([x[i:i + 1], bits_tensor((4, 4), 1)], training=False).numpy() for i in range(8)])
     assert not np.allclose(single, batched, atol=1e-3)
+    # the twin shares the variables and leaves the model's own statistics alone
+    assert {id(v) for v in batch_bn.weights} == {id(v) for v in model.weights}
+    assert all(layer.mode == "calibrated" for layer in model.layers if isinstance(layer, BitBatchNorm))
+    calibrated_twin = with_bn_statistics(model, "calibrated")
+    assert calibrated_twin is model
+
+
+def test_batch_statistics_twin_equals_training_mode_normalization():
+    """The "batch" twin normalizes like training mode (batch statistics) and a function traced on it stays so."""
+    model = small_model()
+    twin = with_bn_statistics(model, "batch")
+    fn = tf.function(lambda x, b: twin([x, b], training=False))
+    for cfg in [(2, 2), (FP, FP)]:
+        np.testing.assert_allclose(fn(X, bits_tensor(cfg, 4)).numpy(),
+                                   model([X, bits_tensor(cfg, 4)], training=True).numpy(), atol=1e-6)
+    assert not np.allclose(model([X, bits_tensor((2, 2), 4)], training=False).numpy(),
+                           fn(X, bits_tensor((2, 2), 4)).numpy(), atol=1e-3)

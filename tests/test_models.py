@@ -44,7 +44,7 @@ def test_configurable_split_and_errors():
 
 
 def test_svhn_cnn_reference_shape_and_size():
-    """ep=2 at the reference's 40x40x3 input: 8 conv/FC layers, ~132k parameters (mebqat-spec §4)."""
+    """ep=2 at the reference's 40x40x3 input: 8 conv/FC layers, ~132k parameters (docs/method.md, "Models")."""
     bm = build(ModelConfig(family="svhn_cnn", input_shape=(40, 40, 3), width=2, exits=()))
     n = sum(int(np.prod(v.shape)) for v in bm.keras.trainable_variables if "gamma" not in v.name and "beta" not in v.name)
     assert 125_000 < n < 140_000

@@ -1,10 +1,25 @@
-"""``tfbitmeta`` command line: train, evaluate (also few-shot runs), convert.
+"""``tfbitmeta`` command line.
 
-TensorFlow is imported inside the commands, so ``--help`` is instant; user errors print one line and exit 1.
+Commands:
+
+* ``train``          -- MEBQAT (or a baseline) on an image dataset; few-shot methods on Omniglot.
+* ``evaluate``       -- a trained run at many bitwidths (also few-shot runs, per episode setting).
+* ``convert``        -- TFLite files per bitwidth and exit head with a manifest (MEBQAT, few-shot ProtoNet and
+  federated runs).
+* ``simulate``       -- hybrid split federated learning of heterogeneous clients in TensorFlow Federated.
+* ``serve``          -- the fallback inference server (TF Serving's REST shape) for exported backends.
+* ``classify``       -- the device runtime on one image: early exit, else ask the server.
+* ``android-assets`` -- copy exported front ends and sample images into the Android demo's assets.
+
+TensorFlow is imported inside the commands, so ``tfbitmeta --help`` is instant (a command's ``--help`` imports
+the registries its options list).  User errors print one line and exit 1; the option lists (methods, schemes,
+algorithms) are the library's registries, and an error about one argument names its flag here, not in the
+library.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -17,28 +32,68 @@ from tfbitmeta.federated.workers import install_reaper
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide C++ start-up noise (cuDNN/TensorRT)
 
+MEBQAT_METHODS = "tfbitmeta.meta.methods:METHODS"
+FEWSHOT_METHODS = "tfbitmeta.meta.fewshot.config:METHODS"
+SCHEMES = "tfbitmeta.quant.quantizers:SCHEMES"
+DEFAULT_SCHEME = "tfbitmeta.quant.quantizers:DEFAULT_SCHEME"
+ALGORITHMS = "tfbitmeta.federated.simulation:ALGORITHMS"
+
+
+def registry(ref: str):
+    """The object named by ``"module:attribute"``, imported on first use (registries live beside their code)."""
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` of the names in one or more registries (dicts keyed by name), imported when first needed,
+    so the option list is the registry itself and ``tfbitmeta --help`` imports no TensorFlow."""
+
+    def __init__(self, *refs: str):
+        self._refs, self._names, self.case_sensitive = refs, None, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._names is None:
+            self._names = tuple(name for ref in self._refs for name in registry(ref))
+        return self._names
+
+
+class RegistryDefaultOption(click.Option):
+    """An option whose default is a library constant (``default_from="module:attribute"``), shown in ``--help``."""
+
+    def __init__(self, *args, default_from: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._default_from = default_from
+
+    def get_default(self, ctx, call=True):
+        return registry(self._default_from)
+
 
 def user_errors(fn):
-    """Turn TfbitmetaError (and a bad --out) into click's one-line ``Error: ...`` with exit code 1."""
+    """Turn TfbitmetaError into click's one-line ``Error: ...`` with exit code 1, naming the flag at fault."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except TfbitmetaError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(with_flag(str(e), e.param)) from None
     return wrapper
 
 
-def parse_bits(spec: str) -> tuple[int, ...]:
-    from tfbitmeta.quant.bitwidth import DEFAULT_BITS, parse_bit
+def with_flag(message: str, param: str | None) -> str:
+    """``message`` plus the command-line flag of library argument ``param`` (when the command has one)."""
+    ctx = click.get_current_context(silent=True)
+    if param is None or ctx is None:
+        return message
+    opts = [p.opts[0] for p in ctx.command.params if p.name == param and isinstance(p, click.Option)]
+    return f"{message} ({opts[0]})" if opts and opts[0] not in message else message
 
-    if spec.strip().lower() == "all":
-        return DEFAULT_BITS
-    return tuple(sorted({parse_bit(t) for t in spec.split(",") if t.strip()}))
 
-
-FEWSHOT_METHODS = ("mebqat-maml", "mebqat-proto", "fomaml", "protonet")
+def fewshot_kind(method: str) -> str | None:
+    """``"maml"`` or ``"protonet"`` for a few-shot method, None for the MEBQAT methods."""
+    return None if method in registry(MEBQAT_METHODS) else registry(FEWSHOT_METHODS)[method]
 
 
 def fewshot_options(fn):
@@ -87,6 +142,7 @@ def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, e
     from tfbitmeta.meta.fewshot.evaluation import format_rows
     from tfbitmeta.meta.fewshot.trainer import train as run_train
     from tfbitmeta.meta.run import TrainConfig
+    from tfbitmeta.models.base import first_last_precision
 
     recipe = RECIPE[METHODS[method]]  # the default recipe unless a flag says otherwise
     fcfg = FewShotConfig(method=method, data_dir=str(data_dir), ways=ways or recipe.ways, shots=shots,
@@ -99,8 +155,7 @@ def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, e
                        lr=lr if given("lr") else recipe.lr, num_tasks=num_tasks, seed=seed, ckpt_every=ckpt_every,
                        patience=patience)
     width = width if given("width") else recipe.width
-    result = run_train(out, tcfg, fcfg, width=width, scheme=scheme,
-                       first_last=None if first_last == "auto" else (8 if first_last == "8" else "fp"),
+    result = run_train(out, tcfg, fcfg, width=width, scheme=scheme, first_last=first_last_precision(first_last, scheme),
                        resume=resume, progress=not quiet)
     st = result["meta"]["status"]
     click.echo(f"\n{method} on omniglot ({result['meta']['model']}, {result['meta']['scheme']}): {st['steps']} steps, "
@@ -118,16 +173,16 @@ def main():
 
 
 @main.command()
-@click.option("--method", type=click.Choice(["mebqat", "dedicated", "anyprec", *FEWSHOT_METHODS]), default="mebqat",
-              show_default=True, help="few-shot (Omniglot): mebqat-maml, mebqat-proto, fomaml, protonet")
+@click.option("--method", type=RegistryChoice(MEBQAT_METHODS, FEWSHOT_METHODS), default="mebqat", show_default=True,
+              help="MEBQAT or a baseline (README, 'Training'); the few-shot methods train on Omniglot (README, 'Few-shot')")
 @click.option("--dataset", default="digits", show_default=True,
               help="digits, fashion_mnist, a .npz file or an image directory (one sub-directory per class)")
 @click.option("--model", "family", default="svhn_cnn", show_default=True,
               help="svhn_cnn, preact_resnet20 or mobilenet_v2")
 @click.option("--width", type=float, default=2.0, show_default=True,
               help="width: svhn_cnn multiplier ep, preact_resnet20 base channels, mobilenet_v2 alpha")
-@click.option("--scheme", type=click.Choice(["exact", "dorefa"]), default="exact", show_default=True,
-              help="exact: TFLite-exact integer grids; dorefa: the reference's Yu21 quantizer")
+@click.option("--scheme", cls=RegistryDefaultOption, type=RegistryChoice(SCHEMES), default_from=DEFAULT_SCHEME,
+              show_default=True, help="exact: TFLite-exact integer grids; dorefa: the reference's Yu21 quantizer")
 @click.option("--bits", default="all", show_default=True,
               help="candidate bitwidths, e.g. 'all' (1-8,16,fp) or '2,4,8,fp'; one value for --method dedicated")
 @click.option("--w-eq-a/--pairs", default=None,
@@ -157,13 +212,15 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
           batch_size, lr, exit_weight, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet,
           **fewshot):
     """Train one model (MEBQAT by default) and print its test accuracy at every candidate bitwidth."""
-    if method in FEWSHOT_METHODS:
+    if fewshot_kind(method):
         return train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, epochs, steps, lr,
                              patience, ckpt_every, seed, out, resume, quiet, **fewshot)
+    from tfbitmeta.quant.bitwidth import parse_bits
+
     bit_values = parse_bits(bits)
     if method == "dedicated":
         if len(bit_values) != 1:
-            raise TfbitmetaError("--method dedicated trains one bitwidth: pass one value, e.g. --bits 4")
+            raise TfbitmetaError("--method dedicated trains one bitwidth: pass one value, e.g. --bits 4", param="bits")
         w_eq_a = True
     elif w_eq_a is None:
         w_eq_a = method == "anyprec"
@@ -176,8 +233,7 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
                        num_tasks=num_tasks, exit_weight=exit_weight, seed=seed, ckpt_every=ckpt_every,
                        limit_train=limit_train, patience=patience)
     mopts = ModelOptions(family=family, width=width, scheme=scheme, bits=bit_values, w_eq_a=w_eq_a,
-                         first_last=None if first_last == "auto" else (8 if first_last == "8" else "fp"),
-                         bn_mode=bn_mode, image_size=image_size)
+                         first_last=first_last, bn_mode=bn_mode, image_size=image_size)
     result = run_train(out, tcfg, mopts, resume=resume, progress=not quiet)
     m = result["meta"]
     click.echo(f"\n{m['method']} on {m['dataset']} ({m['model']}, {m['scheme']}): {m['steps']} steps, "
@@ -287,9 +343,7 @@ def _convert_federated(run, out, verify, verify_images):
 
 
 @main.command()
-@click.option("--algorithm", type=click.Choice(["harmony", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner",
-                                                "splitgp", "fedavg", "local", "centralized"]),
-              default="harmony", show_default=True, help="ours, an ablation, or a baseline (README, 'Federated simulation')")
+@click.option("--algorithm", type=RegistryChoice(ALGORITHMS), default="harmony", show_default=True, help="ours, an ablation, or a baseline (README, 'Federated simulation')")
 @click.option("--dataset", default="fashion_mnist", show_default=True, help="digits, fashion_mnist, a .npz file or an image directory")
 @click.option("--clients", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--classes-per-client", type=click.IntRange(1), default=2, show_default=True, help="ID classes per client (shards)")
@@ -410,6 +464,37 @@ def android_assets(models, dest, run, samples):
     click.echo(f"wrote {len(r['front_ends'])} front ends and manifest.json to {dest / 'models'}"
                + (f", {len(r['samples'])} samples to {dest / 'samples'}" if r["samples"] else
                   " (no samples: pass --run RUN; the gallery still works)"))
+
+
+
+@main.command("android-apk")
+@click.argument("models", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--run", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="the checkpoint the models came from: bundles its first test images as samples")
+@click.option("--abi", default="all", show_default=True,
+              help="ABIs of the TFLite native library: all, or a list of arm64-v8a,armeabi-v7a,x86,x86_64")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="the APK  [default: android_demo/build/tfbitmeta-demo-debug.apk]")
+@click.option("--keystore", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="sign with this keystore instead of the Android debug key")
+@click.option("--ks-alias", default=None, help="key alias in --keystore")
+@click.option("--ks-pass", default=None, help="keystore password as apksigner takes it: pass:..., env:VAR, file:PATH")
+@user_errors
+def android_apk(models, run, abi, out, keystore, ks_alias, ks_pass):
+    """Build the Android demo as a signed APK with MODELS inside (android_demo/build-apk.sh), for `adb install -r`."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "android_demo" / "build-apk.sh"
+    if not script.is_file():
+        raise TfbitmetaError(f"{script} not found: building the APK needs the repository checkout")
+    cmd = ["bash", str(script), str(models), "--abi", abi]
+    for flag, value in (("--run", run), ("--out", out), ("--keystore", keystore), ("--ks-alias", ks_alias),
+                        ("--ks-pass", ks_pass)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    rc = subprocess.call(cmd)
+    if rc:
+        raise click.ClickException(f"{script.name} failed (exit {rc})")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def main() -> None:
     base = dict(dataset=args.dataset, clients=args.clients, rounds=args.rounds, local_steps=args.local_steps,
                 batch_size=args.batch_size, architectures=args.architectures, bits=args.bits, seed=args.seed)
     algorithms = [a for a in args.algorithms.split(",") if a]
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        raise SystemExit(f"unknown algorithm {', '.join(unknown)}: use {', '.join(ALGORITHMS)}")
     for alg in algorithms:
-        assert alg in ALGORITHMS, alg
         t0 = time.perf_counter()
         sim, res = simulate(SimConfig(algorithm=alg, engine=args.engine, **base), out=None, progress=True)
         if ALGORITHMS[alg]["split"]:  # the exit threshold trades accuracy for offloading: the sweep

@@ -19,6 +19,7 @@ from tfbitmeta.meta.evaluate import Predictor, plot_accuracy
 from tfbitmeta.meta.run import RunDir, TrainConfig
 from tfbitmeta.meta.train import ModelOptions, train
 from tfbitmeta.quant.bitwidth import DEFAULT_BITS, FP, config_name
+from tfbitmeta.quant.quantizers import DEFAULT_SCHEME, SCHEMES
 
 EVAL_BITS = (2, 3, 4, 5, 6, 8, FP)
 
@@ -45,7 +46,7 @@ def main():
     ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--model", default="svhn_cnn")
     ap.add_argument("--width", type=float, default=2)
-    ap.add_argument("--scheme", default="exact")
+    ap.add_argument("--scheme", choices=list(SCHEMES), default=DEFAULT_SCHEME)
     ap.add_argument("--steps", type=int, default=1290)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)

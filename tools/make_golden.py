@@ -12,7 +12,6 @@ For a few test images and several bitwidths writes, under ``--out``:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -22,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tfbitmeta.export.digest import sha256_bytes
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
 
 
 def main(argv=None) -> dict:
@@ -90,14 +87,14 @@ def main(argv=None) -> dict:
                 th = float(entry["exit_threshold"])
                 fallback = bool(probs.max() < th)
                 cases.append({
-                    "image": f"img_{i}.png", "image_sha256": sha(png), "bits": name,
+                    "image": f"img_{i}.png", "image_sha256": sha256_bytes(png), "bits": name,
                     "front_end": entry["path"], "front_end_sha256": entry["sha256"], "backend": backend_name(entry),
                     "exit_probs": [float(v) for v in probs], "exit_label": int(np.argmax(probs)), "exit_threshold": th,
                     "fallback": fallback,
                     "fallback_at_threshold": {str(t): bool(probs.max() < t) for t in (0.1, 0.3, 0.5, 0.9)},
-                    "features": f"feat_{name}_{i}.f32", "features_sha256": sha(feat),
-                    "request": f"req_{name}_{i}.json", "request_sha256": sha(req),
-                    "response": f"resp_{name}_{i}.json", "response_sha256": sha(resp.content),
+                    "features": f"feat_{name}_{i}.f32", "features_sha256": sha256_bytes(feat),
+                    "request": f"req_{name}_{i}.json", "request_sha256": sha256_bytes(req),
+                    "response": f"resp_{name}_{i}.json", "response_sha256": sha256_bytes(resp.content),
                     "server_probs": server_probs, "server_label": int(np.argmax(server_probs)),
                     "final_label": int(np.argmax(server_probs)) if fallback else int(np.argmax(probs)),
                     "true_label": int(labels[i]),
@@ -111,7 +108,7 @@ def main(argv=None) -> dict:
             choices.append({"memory_budget": budget, "front_end": None})
     golden = {"format": "tfbitmeta-golden", "version": 1, "choices": choices,
               "default_front_end": rt.choose()[0]["path"],
-              "manifest_sha256": sha((args.models / "manifest.json").read_bytes()),
+              "manifest_sha256": sha256_bytes((args.models / "manifest.json").read_bytes()),
               "labels": rt.manifest["labels"], "tolerance": {"exit_probs": 1 / 256, "server_probs": 1 / 256},
               "command": "uv run python tools/make_golden.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "cases": cases}

@@ -32,9 +32,18 @@ android {
     androidResources {
         noCompress += "tflite"
     }
+    // Robolectric tests of MainActivity (src/test/kotlin). They need the variables tests/test_android.py sets
+    // (TFBITMETA_MODELS, TFBITMETA_GOLDEN, TFBITMETA_SERVER, TFBITMETA_TOKEN, TFBITMETA_TAMPERED) and assets with
+    // the models; CI runs them without Gradle (android_demo/ci/jvm.sh app-test).
+    sourceSets["test"].java.srcDirs("src/test/kotlin")
+    testOptions {
+        unitTests.isIncludeAndroidResources = true
+    }
 }
 
 dependencies {
     implementation(project(":core"))
     implementation(libs.tensorflow.lite)
+    testImplementation(libs.junit4)
+    testImplementation(libs.robolectric)
 }

@@ -1,107 +1,59 @@
 #!/usr/bin/env bash
-# JVM checks of the Android demo without Gradle or an Android SDK (android-build.md §7-§8).
-#   jvm.sh setup   install/cache the tools, compile core (+ Android-safe API guard), its tests, and compile-check app
-#   jvm.sh test    run core's JUnit tests (needs TFBITMETA_GOLDEN, TFBITMETA_MODELS, TFBITMETA_SERVER, TFBITMETA_TOKEN:
-#                  tests/test_android.py sets them) and print "N passed, N failed, N skipped"
-# Tools: JDK 17 (javac/jdeps), npm's kotlin-compiler (pinned), jars from Maven Central pinned by sha256. Downloads are
-# cached in $TFBITMETA_ANDROID_CACHE (default ~/.cache/tfbitmeta-android-ci, outside the repository); build output
-# goes to android_demo/build-ci/ (ignored by git).
+# JVM checks of the Android demo without Gradle or an Android SDK (README "Installing the Android demo").
+#   jvm.sh setup          install/cache the tools (ci/tools.sh), compile core (+ Android-safe API guard), its JUnit 5
+#                         tests, app against android-all 14 + tensorflow-lite, and app's Robolectric (JUnit 4) tests
+#   jvm.sh test           run core's JUnit tests (needs TFBITMETA_GOLDEN, TFBITMETA_MODELS, TFBITMETA_SERVER,
+#                         TFBITMETA_TOKEN: tests/test_android.py sets them); prints "N passed, N failed, N skipped"
+#   jvm.sh app-test ASSETS  run the Robolectric tests of MainActivity with ASSETS (models/, samples/) as the app's
+#                         assets, offline with the pinned android-all (same variables, + TFBITMETA_TAMPERED: the bits
+#                         name of a front end whose file does not match its sha256); prints JUnit's "OK (N tests)"
+#                         line and "N passed, N failed"
+# Build output goes to android_demo/build-ci/ (ignored by git).
 set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"          # android_demo/
-CACHE="${TFBITMETA_ANDROID_CACHE:-${HOME:-/root}/.cache/tfbitmeta-android-ci}"
+source "$(dirname "$0")/tools.sh"
+HERE="$AD_HERE"
 OUT="$HERE/build-ci"
-KOTLIN_VERSION=2.4.20
-MAVEN=https://repo1.maven.org/maven2
-# group/artifact/version/file  sha256
-JARS=(
-  "org/robolectric/android-all/14-robolectric-10818077/android-all-14-robolectric-10818077.jar 6be2218c6a53fe3c57bc22ebdc723edcb7270a8a6f187545708aa5c0ed813977"
-  "org/tensorflow/tensorflow-lite/2.16.1/tensorflow-lite-2.16.1.aar 34b065817e294e7dd3569504e8b9454938ceae453b6a459da54d5f6e45d3c94e"
-  "org/tensorflow/tensorflow-lite-api/2.16.1/tensorflow-lite-api-2.16.1.aar 885b95bc9e47a4aa5cf8e71523aed9b05e397cfef1ea09773f13fea8b649fcee"
-  "org/junit/platform/junit-platform-console-standalone/1.14.1/junit-platform-console-standalone-1.14.1.jar a09c656d60ada792cf12ed1e8dc7ead3edc98dde034332e97dfcb5b4268b9072"
-)
-K="$CACHE/npm/node_modules/kotlin-compiler"
-KOTLINC="$K/bin/kotlinc-jvm"
-STDLIB="$K/lib/kotlin-stdlib.jar"
-JUNIT="$CACHE/junit-platform-console-standalone-1.14.1.jar"
-ANDROID="$CACHE/android-all-14-robolectric-10818077.jar"
-TFLITE="$CACHE/tensorflow-lite-2.16.1-classes.jar:$CACHE/tensorflow-lite-api-2.16.1-classes.jar"
-
-step() { echo "android_demo: $*"; }
-apt_install() {
-  apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
-}
-
-install_tools() {
-  mkdir -p "$CACHE"
-  if ! command -v javac >/dev/null || ! command -v jdeps >/dev/null; then
-    apt_install openjdk-17-jdk-headless
-  fi
-  if ! command -v npm >/dev/null; then
-    apt_install npm
-  fi
-  if ! command -v aapt2 >/dev/null || [ ! -f /usr/share/android-framework-res/framework-res.apk ]; then
-    apt_install aapt android-framework-res
-  fi
-  if [ ! -x "$KOTLINC" ] || ! grep -q "\"version\": \"$KOTLIN_VERSION\"" "$K/package.json"; then
-    step "npm install kotlin-compiler@$KOTLIN_VERSION"
-    mkdir -p "$CACHE/npm" && (cd "$CACHE/npm" && [ -f package.json ] || echo '{"private":true}' > package.json)
-    (cd "$CACHE/npm" && npm install --silent --no-audit --no-fund "kotlin-compiler@$KOTLIN_VERSION")
-  fi
-  for entry in "${JARS[@]}"; do
-    read -r path sum <<<"$entry"
-    f="$CACHE/$(basename "$path")"
-    if [ ! -f "$f" ] || ! echo "$sum  $f" | sha256sum -c --quiet - 2>/dev/null; then
-      step "download $(basename "$path")"
-      curl -fsSL --retry 3 -o "$f.part" "$MAVEN/$path"
-      echo "$sum  $f.part" | sha256sum -c --quiet - || { echo "sha256 mismatch for $path" >&2; rm -f "$f.part"; exit 1; }
-      mv "$f.part" "$f"
-    fi
-    case "$f" in *.aar) [ -f "${f%.aar}-classes.jar" ] || unzip -p "$f" classes.jar > "${f%.aar}-classes.jar" ;; esac
-  done
-}
 
 setup() {
   local t0=$SECONDS
-  # what CI compiles against must be what the Gradle build uses
-  grep -q '^tensorflowLite = "2.16.1"$' "$HERE/gradle/libs.versions.toml" \
-    || { echo "gradle/libs.versions.toml: tensorflowLite differs from the 2.16.1 jars CI checks against" >&2; exit 1; }
-  grep -q 'compileSdk = 34$' "$HERE/app/build.gradle.kts" \
-    || { echo "app/build.gradle.kts: compileSdk differs from CI's android-all 14 (API 34)" >&2; exit 1; }
-  install_tools
+  ad_check_catalog
+  ad_need aapt2 aapt
+  ad_need dexdump dexdump          # tests/test_android.py lists the APK's classes with it
+  ad_jdk
+  ad_kotlinc
+  ad_fetch compile junit5 robolectric
+  local android tflite junit robo
+  android=$(ad_path compile android-all)
+  tflite="$(ad_path compile tensorflow-lite/):$(ad_path compile tensorflow-lite-api)"
+  junit=$(ad_path junit5 console-standalone)
+  robo=$(ad_classpath robolectric)
   rm -rf "$OUT" && mkdir -p "$OUT"
-  step "compile core (Kotlin $KOTLIN_VERSION, JVM target 1.8, no Android/TFLite on the classpath)"
-  "$KOTLINC" -nowarn -jvm-target 1.8 -no-reflect -d "$OUT/core" "$HERE/core/src/main/kotlin"
+  ad_step "compile core (Kotlin $AD_KOTLIN_VERSION, JVM target 1.8, no Android/TFLite on the classpath)"
+  "$AD_KOTLINC" -nowarn -jvm-target 1.8 -no-reflect -d "$OUT/core" "$HERE/core/src/main/kotlin"
   # Android has no java.net.http, java.awt, javax.*, jdk.*, sun.*: core must not use them.
   local bad
-  jdeps --multi-release 17 -verbose:package -cp "$STDLIB" "$OUT/core" > "$OUT/core.jdeps"   # fails loudly on error
-  grep -q ' -> kotlin ' "$OUT/core.jdeps" || { echo "jdeps output looks wrong: $OUT/core.jdeps" >&2; exit 1; }
+  jdeps --multi-release 17 -verbose:package -cp "$AD_STDLIB" "$OUT/core" > "$OUT/core.jdeps"   # fails loudly on error
+  grep -q ' -> kotlin ' "$OUT/core.jdeps" || ad_die "jdeps output looks wrong: $OUT/core.jdeps"
   bad=$(awk '{print $3}' "$OUT/core.jdeps" | grep -E '^(java\.net\.http|java\.awt|javax\.|jdk\.|sun\.|android\.|org\.tensorflow)' | sort -u || true)
-  if [ -n "$bad" ]; then echo "core uses APIs missing on Android or forbidden in core: $bad" >&2; exit 1; fi
-  step "compile core tests"
-  "$KOTLINC" -nowarn -jvm-target 17 -no-reflect -cp "$OUT/core:$JUNIT" -d "$OUT/core-test" "$HERE/core/src/test/kotlin"
-  step "compile-check app against android-all 14 (API 34) and tensorflow-lite 2.16.1 from Maven Central"
-  "$KOTLINC" -nowarn -jvm-target 1.8 -no-reflect -cp "$ANDROID:$TFLITE:$OUT/core" -d "$OUT/app" "$HERE/app/src/main/kotlin"
-  # The manifest, as AGP would give it to aapt2 (AGP adds package= from the namespace): unknown attributes,
-  # missing framework resources (theme) and XML errors fail here. framework-res is Debian's API 29 one.
-  step "aapt2 link of app/src/main/AndroidManifest.xml against framework-res"
-  sed 's|<manifest xmlns:android="http://schemas.android.com/apk/res/android">|<manifest xmlns:android="http://schemas.android.com/apk/res/android" package="com.tfbitmeta.demo.app">|' \
-    "$HERE/app/src/main/AndroidManifest.xml" > "$OUT/AndroidManifest.xml"
-  grep -q 'package="com.tfbitmeta.demo.app"' "$OUT/AndroidManifest.xml" || { echo "unexpected <manifest> tag" >&2; exit 1; }
-  aapt2 link -o "$OUT/manifest-only.apk" -I /usr/share/android-framework-res/framework-res.apk \
-    --manifest "$OUT/AndroidManifest.xml" --min-sdk-version 26 --target-sdk-version 34
-  local activity
-  activity=$(aapt2 dump badging "$OUT/manifest-only.apk" 2>/dev/null | sed -n "s/^launchable-activity: name='\([^']*\)'.*/\1/p")
-  [ -f "$OUT/app/${activity//.//}.class" ] || { echo "launcher activity '$activity' is not a compiled app class" >&2; exit 1; }
-  step "setup + compile took $((SECONDS - t0)) s"
+  [ -z "$bad" ] || ad_die "core uses APIs missing on Android or forbidden in core: $bad"
+  ad_step "compile core tests"
+  "$AD_KOTLINC" -nowarn -jvm-target 17 -no-reflect -cp "$OUT/core:$junit" -d "$OUT/core-test" "$HERE/core/src/test/kotlin"
+  ad_step "compile app against android-all 14 (API 34) and tensorflow-lite 2.16.1"
+  "$AD_KOTLINC" -nowarn -jvm-target 1.8 -no-reflect -cp "$android:$tflite:$OUT/core" -d "$OUT/app" "$HERE/app/src/main/kotlin"
+  ad_step "compile app's Robolectric tests"
+  "$AD_KOTLINC" -nowarn -jvm-target 17 -no-reflect -cp "$OUT/app:$OUT/core:$robo:$android:$tflite" \
+    -d "$OUT/app-test" "$HERE/app/src/test/kotlin"
+  ad_step "setup + compile took $((SECONDS - t0)) s"
 }
 
 run_tests() {
-  [ -d "$OUT/core-test" ] || { echo "run 'android_demo/ci/jvm.sh setup' first" >&2; exit 1; }
+  [ -d "$OUT/core-test" ] || ad_die "run 'android_demo/ci/jvm.sh setup' first"
+  local junit
+  junit=$(ad_path junit5 console-standalone)
   rm -rf "$OUT/reports"
   set +e
-  java -jar "$JUNIT" execute --disable-banner --disable-ansi-colors --details=summary --fail-if-no-tests \
-    --reports-dir "$OUT/reports" -cp "$OUT/core:$OUT/core-test:$STDLIB" --scan-classpath "$OUT/core-test" > "$OUT/junit.log" 2>&1
+  java -jar "$junit" execute --disable-banner --disable-ansi-colors --details=summary --fail-if-no-tests \
+    --reports-dir "$OUT/reports" -cp "$OUT/core:$OUT/core-test:$AD_STDLIB" --scan-classpath "$OUT/core-test" > "$OUT/junit.log" 2>&1
   local rc=$?
   set -e
   python3 - "$OUT/reports" <<'PY' || rc=1
@@ -124,8 +76,56 @@ PY
   return $rc
 }
 
+# Robolectric reads the app the way AGP's unit tests hand it over: com/android/tools/test_config.properties names the
+# merged manifest and a resource APK (aapt2 link output: in binary-resources mode the assets must be inside it).
+# Offline: the pinned android-all jar is the one SDK (app/src/test's SdkProvider offers API 34 only, so Robolectric
+# does not fetch its newest SDK just to parse the manifest); it is instrumented at run time.
+run_app_tests() {
+  local assets="${1:?usage: jvm.sh app-test ASSETS}"
+  [ -d "$OUT/app-test" ] || ad_die "run 'android_demo/ci/jvm.sh setup' first"
+  [ -f "$assets/models/manifest.json" ] || ad_die "$assets/models/manifest.json not found"
+  local android tflite robo w="$OUT/robolectric" ns
+  android=$(ad_path compile android-all)
+  tflite="$(ad_path compile tensorflow-lite/):$(ad_path compile tensorflow-lite-api)"
+  robo=$(ad_classpath robolectric)
+  ns=$(sed -n 's/^ *namespace = "\([^"]*\)".*/\1/p' "$HERE/app/build.gradle.kts")
+  rm -rf "$w" && mkdir -p "$w/config/com/android/tools"
+  sed "s|<manifest xmlns:android=\"http://schemas.android.com/apk/res/android\">|<manifest xmlns:android=\"http://schemas.android.com/apk/res/android\" package=\"$ns\">|" \
+    "$HERE/app/src/main/AndroidManifest.xml" > "$w/AndroidManifest.xml"
+  aapt2 link -o "$w/resources.apk" -I "$android" --manifest "$w/AndroidManifest.xml" --min-sdk-version 26 \
+    --target-sdk-version 34 -A "$assets" -0 .tflite 2> >(grep -v "Unknown chunk type '200'" >&2)
+  printf 'android_merged_manifest=%s\nandroid_resource_apk=%s\nandroid_custom_package=%s\n' \
+    "$w/AndroidManifest.xml" "$w/resources.apk" "$ns" > "$w/config/com/android/tools/test_config.properties"
+  local classes
+  classes=$(cd "$OUT/app-test" && find . -name '*Test.class' ! -name '*$*' | sed 's|^\./||; s|\.class$||; s|/|.|g' | sort)
+  [ -n "$classes" ] || ad_die "no test classes in $OUT/app-test"
+  set +e
+  # android-all goes last: Robolectric's own jars must win over the framework classes it instruments.
+  java -Xmx2g -Drobolectric.offline=true -Drobolectric.dependency.dir="$(dirname "$android")" \
+    -Drobolectric.usePreinstrumentedJars=false -Drobolectric.logging.enabled=false \
+    -cp "$OUT/app-test:$HERE/app/src/test/resources:$w/config:$OUT/app:$OUT/core:$AD_STDLIB:$tflite:$robo:$android" \
+    org.junit.runner.JUnitCore $classes > "$w/junit.log" 2>&1
+  local rc=$?
+  set -e
+  local ok run fail
+  ok=$(sed -n 's/^OK (\([0-9]*\) tests\{0,1\})$/\1/p' "$w/junit.log")
+  if [ -n "$ok" ]; then
+    echo "Robolectric (JUnit 4): OK ($ok tests)"
+    echo "$ok passed, 0 failed"
+  else
+    run=$(sed -n 's/^Tests run: \([0-9]*\), *Failures: \([0-9]*\).*/\1/p' "$w/junit.log")
+    fail=$(sed -n 's/^Tests run: \([0-9]*\), *Failures: \([0-9]*\).*/\2/p' "$w/junit.log")
+    grep -E '^[0-9]+\) |^(java|org|kotlin|junit)\.[A-Za-z.]*(Error|Exception|Failure)' "$w/junit.log" | head -40
+    echo "Robolectric (JUnit 4): Tests run: ${run:-?}, Failures: ${fail:-?}"
+    echo "$(( ${run:-0} - ${fail:-0} )) passed, ${fail:-1} failed"
+    [ $rc -ne 0 ] || rc=1
+  fi
+  return $rc
+}
+
 case "${1:-}" in
   setup) setup ;;
   test) run_tests ;;
-  *) echo "usage: $0 setup|test" >&2; exit 2 ;;
+  app-test) run_app_tests "${2:-}" ;;
+  *) echo "usage: $0 setup|test|app-test ASSETS" >&2; exit 2 ;;
 esac

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument, DataMissing
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -50,7 +50,7 @@ def _hwc_uint8(x: np.ndarray) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise TfbitmetaError(f"images must be (N, H, W) or (N, H, W, C) arrays, got shape {x.shape}")
+        raise DataMissing(f"images must be (N, H, W) or (N, H, W, C) arrays, got shape {x.shape}")
     if x.dtype != np.uint8:
         x = np.asarray(x, np.float64)
         hi = 1.0 if x.max() <= 1.0 else 255.0
@@ -99,7 +99,7 @@ def _fashion_arrays():
         (xtr, ytr), (xte, yte) = tf.keras.datasets.fashion_mnist.load_data()
         return xtr, ytr, xte, yte
     except Exception as e:  # noqa: BLE001 -- any download failure gets the same advice
-        raise TfbitmetaError(
+        raise DataMissing(
             "Fashion-MNIST not found in ~/.keras/datasets/fashion-mnist or /usr/share/datasets/fashion-mnist and "
             f"the download failed ({type(e).__name__}); install it with `apt-get install dataset-fashion-mnist`"
         ) from None
@@ -116,7 +116,7 @@ def load_npz(path: Path, seed: int = 0, val_fraction: float = 0.1) -> Splits:
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
-        raise TfbitmetaError(f"cannot read {path}: {e}") from None
+        raise DataMissing(f"cannot read {path}: {e}") from None
     keys = set(z.files)
     if {"x_train", "y_train"} <= keys:
         x, y = _hwc_uint8(z["x_train"]), z["y_train"].astype(np.int32)
@@ -128,7 +128,7 @@ def load_npz(path: Path, seed: int = 0, val_fraction: float = 0.1) -> Splits:
     elif {"x", "y"} <= keys:
         (xt, yt), (xv, yv), (xte, yte) = _split(_hwc_uint8(z["x"]), z["y"].astype(np.int32), seed, val_fraction, 0.2)
     else:
-        raise TfbitmetaError(f"{path} must contain arrays x_train/y_train (optionally x_test/y_test) or x/y; "
+        raise DataMissing(f"{path} must contain arrays x_train/y_train (optionally x_test/y_test) or x/y; "
                              f"found {sorted(keys)}")
     n = int(max(yt.max(), yte.max())) + 1
     names = [str(c) for c in z["class_names"]] if "class_names" in keys else [str(i) for i in range(n)]
@@ -147,10 +147,10 @@ def load_image_folder(path: Path, seed: int = 0, val_fraction: float = 0.1) -> S
                     xs.append(np.asarray(Image.open(f)))
                     ys.append(i)
         if not xs:
-            raise TfbitmetaError(f"no images found under {root} (expected {root}/<class>/*.png)")
+            raise DataMissing(f"no images found under {root} (expected {root}/<class>/*.png)")
         shapes = {a.shape for a in xs}
         if len(shapes) != 1:
-            raise TfbitmetaError(f"images under {root} have different shapes {sorted(shapes)[:3]}...; resize them first")
+            raise DataMissing(f"images under {root} have different shapes {sorted(shapes)[:3]}...; resize them first")
         return _hwc_uint8(np.stack(xs)), np.asarray(ys, np.int32)
 
     if (path / "train").is_dir() and (path / "test").is_dir():
@@ -161,7 +161,7 @@ def load_image_folder(path: Path, seed: int = 0, val_fraction: float = 0.1) -> S
     else:
         classes = sorted(p.name for p in path.iterdir() if p.is_dir())
         if not classes:
-            raise TfbitmetaError(f"{path} has no class sub-directories (expected {path}/<class>/*.png)")
+            raise DataMissing(f"{path} has no class sub-directories (expected {path}/<class>/*.png)")
         (xt, yt), (xv, yv), (xte, yte) = _split(*read(path, classes), seed, val_fraction, 0.2)
     return Splits(path.name, xt, yt, xv, yv, xte, yte, classes)
 
@@ -178,4 +178,5 @@ def load(name: str, seed: int = 0) -> Splits:
         return load_npz(p, seed=seed)
     if p.is_dir():
         return load_image_folder(p, seed=seed)
-    raise TfbitmetaError(f"unknown dataset {name!r}: use {', '.join(BUILTIN)}, a .npz file or an image directory")
+    raise BadArgument(f"unknown dataset {name!r}: use {', '.join(BUILTIN)}, a .npz file or an image directory",
+                      param="dataset")

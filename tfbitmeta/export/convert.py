@@ -10,7 +10,6 @@ into place only when all of them converted, the manifest last.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -25,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.data import datasets
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument, TfbitmetaError
+from tfbitmeta.export.digest import sha256_file
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
 from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
 from tfbitmeta.models import BitModel
@@ -191,10 +191,6 @@ def exit_threshold(exit_probs: np.ndarray, final_acc: float, y: np.ndarray) -> f
     return 1.0
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def parse_exits(spec: str, bm: BitModel) -> list[int]:
     if spec.strip().lower() == "all":
         return list(bm.exits)
@@ -203,7 +199,7 @@ def parse_exits(spec: str, bm: BitModel) -> list[int]:
         try:
             s = int(t)
         except ValueError:
-            raise TfbitmetaError(f"bad exit {t!r}: use 'all' or split numbers like 3") from None
+            raise BadArgument(f"bad exit {t!r}: use 'all' or split numbers like 3", param="exits") from None
         bm._check_exit(s)
         out.append(s)
     return out
@@ -257,7 +253,7 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
                         entry = {
                             "path": fname, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": name},
                             "exit": split if kind == "front_end" else None, "split": split,
-                            "sha256": _sha256(path), "bytes": len(buf),
+                            "sha256": sha256_file(path), "bytes": len(buf),
                             "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
                                        ("float16" if float16 else "float32"),
                             "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],

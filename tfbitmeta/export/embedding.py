@@ -20,14 +20,15 @@ import tensorflow as tf
 from tfbitmeta.data.episodes import EpisodeSampler, Setting
 from tfbitmeta.data.omniglot import load_omniglot
 from tfbitmeta.errors import TfbitmetaError
-from tfbitmeta.export.convert import _sha256, convert_part, inspect_tflite, run_tflite
+from tfbitmeta.export.convert import convert_part, inspect_tflite, run_tflite
+from tfbitmeta.export.digest import sha256_file
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
 from tfbitmeta.meta.fewshot.config import SEED_OFFSETS
 from tfbitmeta.meta.fewshot.evaluation import load_run
 from tfbitmeta.meta.fewshot.protonet import proto_logits
 from tfbitmeta.meta.run import TrainConfig, check_writable
 from tfbitmeta.quant.bitwidth import FP, bits_tensor, config_name, parse_config
-from tfbitmeta.quant.calibration import bn_mode, calibrate_batchnorm
+from tfbitmeta.quant.calibration import calibrate_batchnorm, with_bn_statistics
 
 
 class EmbeddingPart(tf.Module):
@@ -77,7 +78,7 @@ def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, ve
         (out / name).write_bytes(buf)
         info = inspect_tflite(buf)
         entry = {"path": name, "bits": {"w": cfg[0], "a": cfg[1], "name": config_name(cfg)}, "bytes": len(buf),
-                 "sha256": _sha256(out / name), "weight_types": info["weight_types"], "inputs": info["inputs"],
+                 "sha256": sha256_file(out / name), "weight_types": info["weight_types"], "inputs": info["inputs"],
                  "outputs": info["outputs"], "embedding_dim": int(bm.keras.output["logits"].shape[-1]),
                  "input": {"shape": [1, *bm.cfg.input_shape], "pixels": "float32 0-255, strokes bright (inverted "
                            "Omniglot), resized to 28x28", "normalization": norm.to_dict()},
@@ -87,13 +88,13 @@ def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, ve
             s = Setting.parse(setting, 15)
             sampler = EpisodeSampler(data.test.images, s, tcfg.seed + SEED_OFFSETS["test"], "test")
             lite_ok, keras_ok, trans_ok, agree = [], [], [], []
+            calibrated = with_bn_statistics(bm.keras, "calibrated")
             for i in range(verify_episodes):
                 ep = sampler.episode(i)
                 x_u8 = np.concatenate([ep.support, ep.query])
                 z_lite = run_tflite(buf, norm.pixels(x_u8).numpy())["embedding"]
                 x = norm.apply(x_u8)
-                with bn_mode(bm.keras, "calibrated"):
-                    z_keras = bm.keras([x, bits_tensor(cfg, len(x))], training=False)["logits"].numpy()
+                z_keras = calibrated([x, bits_tensor(cfg, len(x))], training=False)["logits"].numpy()
                 z_trans = bm.keras([x, bits_tensor(cfg, len(x))], training=True)["logits"].numpy()
                 p_lite, ok_lite = _proto_acc(z_lite, s)
                 p_keras, ok_keras = _proto_acc(z_keras, s)

@@ -62,7 +62,8 @@ def _convert(module: tf.Module) -> bytes:
 
 def export_federated(run: Path, out: Path, verify: bool = True, n_verify: int = 1000, progress=print) -> dict:
     """Writes the files and manifest.json into ``out`` (all or nothing) and returns the manifest."""
-    from tfbitmeta.export.convert import MANIFEST_VERSION, _sha256, inspect_tflite, validate_manifest
+    from tfbitmeta.export.convert import MANIFEST_VERSION, inspect_tflite, validate_manifest
+    from tfbitmeta.export.digest import sha256_file
     from tfbitmeta.federated.simulation import SimConfig, Simulation
     from tfbitmeta.meta.run import check_writable
 
@@ -93,7 +94,7 @@ def export_federated(run: Path, out: Path, verify: bool = True, n_verify: int = 
             info = inspect_tflite(path.read_bytes())
             entry = {"path": path.name, "kind": "front_end", "client": k, "architecture": arch.name,
                      "bits": {"w": bits, "a": bits, "name": "fp" if bits >= 32 else f"w{bits}a{bits}"},
-                     "exit": 2, "split": 2, "sha256": _sha256(path), "bytes": path.stat().st_size, "weights": "float32",
+                     "exit": 2, "split": 2, "sha256": sha256_file(path), "bytes": path.stat().st_size, "weights": "float32",
                      "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
                      "exit_threshold": cfg.threshold, "id_classes": [int(c) for c in sim.parts[k].id_classes]}
             if verify:
@@ -103,7 +104,7 @@ def export_federated(run: Path, out: Path, verify: bool = True, n_verify: int = 
                      + (f" (agreement {100 * entry['verify']['top1_agreement']:.2f}%)" if verify else ""))
         info = inspect_tflite(back_path.read_bytes())
         files.append({"path": back_path.name, "kind": "backend", "bits": {"w": 32, "a": 32, "name": "fp"}, "exit": None,
-                      "split": 2, "sha256": _sha256(back_path), "bytes": back_path.stat().st_size, "weights": "float32",
+                      "split": 2, "sha256": sha256_file(back_path), "bytes": back_path.stat().st_size, "weights": "float32",
                       "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"]})
         manifest = {
             "format": "tfbitmeta-manifest", "version": MANIFEST_VERSION, "created_by": f"tfbitmeta simulate ({cfg.algorithm})",

@@ -8,7 +8,7 @@ for any cut: front end, backend, full) with these rules:
   bitwidth, with the following BatchNorm (calibrated statistics of that configuration) folded in -- folding
   multiplies each channel's scale, so the codes stay the same integers.  Emitted as
   ``fake_quant_with_min_max_vars_per_channel`` in a 4-bit container for 1-4 bit (INT4 in the file; codes of
-  1-3 bit fit exactly inside it, which avoids the 3-bit zero-point failure of stack-facts §2.3) and an 8-bit
+  1-3 bit fit exactly inside it, which avoids the 3-bit zero-point failure of docs/stack.md, "TFLite converter") and an 8-bit
   container for 5-8 bit.
 * ReLU + k-bit activation: ``FakeQuant(min=0, max=255/n, 8 bit)`` then ``min(., 1)`` -- an 8-bit tensor with
   scale 1/n holds the k-bit grid ``j/n`` exactly (n = 2^k - 1).  The quantization is applied *before* a

@@ -1,4 +1,4 @@
-"""Client work of the HARMONY-style round (harmony-design.md §2.2), as pure TF functions of tensors.
+"""Client work of the HARMONY-style round (docs/federated.md, "Ours"), as pure TF functions of tensors.
 
 Per local step a client sees a support and a query batch of its own data and simulates two extractors:
 

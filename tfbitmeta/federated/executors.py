@@ -2,7 +2,7 @@
 (the same TF functions in a plain Python loop over clients; the reference for the TFF-overhead benchmark).
 
 Both expose the same steps; per-client values are Python lists in client order (TFF's stateful-clients
-pattern: client state lives outside TFF and travels as ``@CLIENTS`` values, stack-facts.md §1.5).  Server
+pattern: client state lives outside TFF and travels as ``@CLIENTS`` values, docs/stack.md, "TensorFlow Federated 0.87").  Server
 computations receive only features and logit gradients; ``server_inputs`` records what they were given so a
 test can check that no label reaches them.
 """
@@ -226,7 +226,7 @@ class TffExecutor(LocalExecutor):
 
 def _set_remote_context(tff, workers: list[str], wait_seconds: float = 30.0):
     """Execute on already running ``worker_binary --port P`` processes (TFF's C++ remote executor), built as
-    ``local_cpp_executor_factory`` builds its own (stack-facts.md §1.8).  One worker: a sync context; several: TFF's
+    ``local_cpp_executor_factory`` builds its own (docs/stack.md, "The worker_binary").  One worker: a sync context; several: TFF's
     mergeable-comp context, which splits the clients of each computation across the workers and merges results."""
     import time
 

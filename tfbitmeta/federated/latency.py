@@ -1,4 +1,4 @@
-"""Modelled inference latency of the hybrid rule (harmony-design.md §6):
+"""Modelled inference latency of the hybrid rule (docs/federated.md, "Ours"):
 
     T_k = F_client / psi_k + offload_ratio * (feature_bits / R_uplink + F_server / psi_server + RTT)
 

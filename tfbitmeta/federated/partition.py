@@ -1,5 +1,5 @@
 """Non-IID client data: which classes a client sees (its in-distribution, ID, classes) and its test sets with a
-fraction of out-of-distribution (OOD) samples (harmony-design.md §1.3)."""
+fraction of out-of-distribution (OOD) samples (docs/federated.md, "The protocol we evaluate")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

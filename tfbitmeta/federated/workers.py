@@ -1,7 +1,7 @@
 """Reaping TFF's ``worker_binary``.
 
 TFF 0.87 starts ``tensorflow_federated/data/worker_binary`` lazily and only stops it in a destructor that does
-not run reliably at exit; the orphan keeps stdout open and hangs pipes and CI (stack-facts.md §1.7).  Every
+not run reliably at exit; the orphan keeps stdout open and hangs pipes and CI (docs/stack.md, "The worker_binary").  Every
 entry point registers :func:`install_reaper`; it needs only psutil, never TFF itself.
 """
 from __future__ import annotations

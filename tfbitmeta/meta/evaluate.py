@@ -8,14 +8,15 @@ from typing import Sequence
 import tensorflow as tf
 
 from tfbitmeta.quant.bitwidth import Config, config_name
-from tfbitmeta.quant.calibration import bn_mode
+from tfbitmeta.quant.calibration import with_bn_statistics
 
 
 class Predictor:
-    """A compiled forward pass with the bitwidth as a tensor (one trace for all bitwidths) in one BN mode."""
+    """A compiled forward pass with the bitwidth as a tensor (one trace for all bitwidths) with one kind of BN
+    statistics (``mode``: ``"calibrated"`` or ``"batch"``), fixed for the predictor's life."""
 
     def __init__(self, model: tf.keras.Model, mode: str = "calibrated"):
-        self.model, self.mode = model, mode
+        self.model, self.mode = with_bn_statistics(model, mode), mode
         shape = [None, *model.inputs[0].shape[1:]]
 
         @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32), tf.TensorSpec([None, 2], tf.float32)])
@@ -26,8 +27,7 @@ class Predictor:
 
     def __call__(self, x, cfg: Config):
         bits = tf.tile(tf.constant([cfg], tf.float32), [tf.shape(x)[0], 1])
-        with bn_mode(self.model, self.mode):
-            return self._predict(x, bits)
+        return self._predict(x, bits)
 
     def accuracy(self, batches, cfg: Config) -> dict[str, float]:
         correct, total = {}, 0

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tfbitmeta.data.datasets import Splits
 from tfbitmeta.data.pipeline import Normalization, eval_batches, train_batches
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument, DataMissing
 from tfbitmeta.meta.evaluate import Predictor
 from tfbitmeta.meta.methods import Method
 from tfbitmeta.meta.run import RunDir, TrainConfig, restore_weights, save_weights
@@ -105,7 +105,7 @@ class TrainingLoop:
 
     def restore(self) -> int:
         if self.manager.latest_checkpoint is None:
-            raise TfbitmetaError(f"--resume: no checkpoint in {self.run.path / 'ckpt'}")
+            raise DataMissing(f"no checkpoint to resume from in {self.run.path / 'ckpt'}", param="resume")
         restore_weights(self.model, self.run.path / "ckpt", optimizer=self.optimizer, step=self.step,
                         best=self.best, bad_epochs=self.bad_epochs)
         return int(self.step.numpy())
@@ -179,11 +179,11 @@ class Trainer:
         self.model = bitmodel.keras
         self.spe = len(splits.x_train) // cfg.batch_size
         if self.spe == 0:
-            raise TfbitmetaError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                                 f"({len(splits.x_train)} images)")
+            raise BadArgument(f"batch size {cfg.batch_size} is larger than the training set "
+                              f"({len(splits.x_train)} images)", param="batch_size")
         self.total_steps = cfg.steps if cfg.steps else cfg.epochs * self.spe
         if self.total_steps <= 0:
-            raise TfbitmetaError("nothing to train: --epochs and --steps must be positive")
+            raise BadArgument("nothing to train: epochs and steps must be positive", param="steps")
         self.optimizer = tf.keras.optimizers.AdamW(learning_rate=lr_schedule(cfg.lr, self.total_steps),
                                                    weight_decay=cfg.weight_decay)
         self.optimizer.build(self.model.trainable_variables)

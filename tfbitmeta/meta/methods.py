@@ -4,7 +4,7 @@ All three share the training-loop core (:mod:`tfbitmeta.meta.loop`); a method on
 configurations each optimizer step trains on and whether non-FP tasks distill from the FP task.
 
 * ``mebqat``     -- T tasks per step: the guaranteed ones first ((FP,FP), then (1,1) when 1-bit is a
-  candidate), the rest drawn uniformly from the candidate configurations (mebqat-spec §1.1).
+  candidate), the rest drawn uniformly from the candidate configurations (docs/method.md, "Tasks").
 * ``anyprec``    -- every configuration of its set each step (the bitwidth-adaptive QAT baseline).
 * ``dedicated``  -- one fixed configuration (ordinary QAT, the per-bitwidth baseline).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument
 from tfbitmeta.quant.bitwidth import FP, BitSpace, Config
 
 
@@ -52,7 +52,8 @@ class MEBQAT(Method):
             guaranteed = [(FP, FP)] + ([(1, 1)] if (1, 1) in space.configs else [])
         self.guaranteed = [tuple(g) for g in guaranteed][:num_tasks]
         if FP not in space.bits:
-            raise TfbitmetaError("mebqat needs full precision among the candidates (it is the distillation teacher)")
+            raise BadArgument("mebqat needs full precision among the candidates (it is the distillation teacher)",
+                              param="bits")
         self._num_tasks = num_tasks
 
     @property
@@ -73,7 +74,8 @@ class AnyPrecision(Method):
     def __init__(self, space: BitSpace, seed: int = 0):
         super().__init__(space, seed)
         if FP not in space.bits:
-            raise TfbitmetaError("anyprec needs full precision among the candidates (it is the distillation teacher)")
+            raise BadArgument("anyprec needs full precision among the candidates (it is the distillation teacher)",
+                              param="bits")
         self._tasks = np.asarray([(FP, FP)] + [c for c in space.configs if c != (FP, FP)], np.float32)
 
     @property
@@ -90,7 +92,7 @@ class Dedicated(Method):
     def __init__(self, space: BitSpace, seed: int = 0):
         super().__init__(space, seed)
         if len(space.configs) != 1:
-            raise TfbitmetaError("dedicated QAT trains one bitwidth: pass a single value to --bits (e.g. --bits 4)")
+            raise BadArgument("dedicated QAT trains one bitwidth: give a single candidate (e.g. 4)", param="bits")
 
     @property
     def num_tasks(self):
@@ -105,7 +107,7 @@ METHODS = {m.name: m for m in (MEBQAT, AnyPrecision, Dedicated)}
 
 def make_method(name: str, space: BitSpace, seed: int = 0, num_tasks: int = 4) -> Method:
     if name not in METHODS:
-        raise TfbitmetaError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise BadArgument(f"unknown method {name!r}; choose from {', '.join(METHODS)}", param="method")
     if name == "mebqat":
         return MEBQAT(space, seed, num_tasks=num_tasks)
     return METHODS[name](space, seed)

@@ -13,17 +13,18 @@ from tfbitmeta.meta.loop import FitResult, Trainer, checkpoint_bytes
 from tfbitmeta.meta.methods import make_method
 from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable, open_training_run
 from tfbitmeta.models import ModelConfig, build, min_input_size
-from tfbitmeta.quant.bitwidth import BitSpace, Config
+from tfbitmeta.quant.bitwidth import DEFAULT_BITS, BitSpace, Config
+from tfbitmeta.quant.quantizers import DEFAULT_SCHEME
 
 
 @dataclasses.dataclass
 class ModelOptions:
     family: str = "svhn_cnn"
     width: float = 2.0
-    scheme: str = "exact"
-    bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+    scheme: str = DEFAULT_SCHEME
+    bits: tuple[int, ...] = DEFAULT_BITS
     w_eq_a: bool = False
-    first_last: str | int | None = None  # None: 'fp' for dorefa, 8 for exact (full-integer export)
+    first_last: str | int = "auto"  # models.base.first_last_precision
     bn_mode: str = "calibrated"
     image_size: int | None = None
     exits: tuple[int, ...] | None = None
@@ -52,10 +53,9 @@ def prepare(out: Path, tcfg: TrainConfig, mopts: ModelOptions, resume: bool = Fa
                   f"resizing to {min_size}x{min_size} (recorded in run.json)")
         norm = Normalization.fit(splits.x_train, size)
         space = BitSpace(mopts.bits, mopts.w_eq_a)
-        first_last = mopts.first_last if mopts.first_last is not None else ("fp" if mopts.scheme == "dorefa" else 8)
         mcfg = ModelConfig(family=mopts.family, input_shape=norm.model_input_shape(splits.image_shape[-1]),
                            num_classes=splits.num_classes, width=mopts.width, scheme=mopts.scheme,
-                           first_last=first_last, bn_mode=mopts.bn_mode, candidates=space, exits=mopts.exits)
+                           first_last=mopts.first_last, bn_mode=mopts.bn_mode, candidates=space, exits=mopts.exits)
     bm = build(mcfg)
     method = make_method(tcfg.method, mcfg.candidates, tcfg.seed, tcfg.num_tasks)
     if not resume:

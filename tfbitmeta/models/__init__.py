@@ -1,7 +1,7 @@
 """Model families built as named parts (extractor, early-exit head, backend)."""
 from __future__ import annotations
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument
 from tfbitmeta.models import conv4, mobilenet_v2, preact_resnet, svhn_cnn
 from tfbitmeta.models.base import BitModel, ModelConfig  # noqa: F401
 from tfbitmeta.models.dropout import CheckpointedDropout
@@ -19,7 +19,7 @@ def build(cfg: ModelConfig) -> BitModel:
     try:
         builder = FAMILIES[cfg.family]
     except KeyError:
-        raise TfbitmetaError(f"unknown model {cfg.family!r}; choose from {', '.join(FAMILIES)}") from None
+        raise BadArgument(f"unknown model {cfg.family!r}; choose from {', '.join(FAMILIES)}", param="family") from None
     return builder(cfg)
 
 
@@ -28,4 +28,5 @@ def min_input_size(family: str) -> int:
     return svhn_cnn.MIN_SIZE if family == "svhn_cnn" else 1
 
 CUSTOM_OBJECTS = {**_QUANT_OBJECTS, "CheckpointedDropout": CheckpointedDropout}
-"""Everything ``tf.keras.models.load_model`` needs to reload a tfbitmeta model."""
+"""Compatibility alias: every tfbitmeta layer is registered with Keras (package ``tfbitmeta``), so
+``tf.keras.models.load_model`` needs no ``custom_objects``; passing this dict still works."""

@@ -12,23 +12,60 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument
 from tfbitmeta.quant.bitwidth import BitSpace
 from tfbitmeta.quant.layers import ADAPTIVE, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QReLU
+from tfbitmeta.quant.quantizers import DEFAULT_SCHEME
+
+
+def first_last_precision(first_last: str | int | None, scheme: str) -> str | int:
+    """The precision of the first conv and the last dense layer: the one ``first_last="auto"`` rule.
+
+    ``"auto"`` (or None) is ``"fp"`` for the reference's ``dorefa`` scheme (as the paper) and ``8`` for ``exact``
+    (so the exported file is full-integer); ``"fp"``, ``8`` or ``"8"`` are kept (as ``"fp"`` / ``8``).
+    """
+    if first_last is None or first_last == "auto":
+        return "fp" if scheme == "dorefa" else 8
+    if first_last == "fp":
+        return "fp"
+    try:
+        return int(first_last)
+    except (TypeError, ValueError):
+        raise BadArgument(f"bad first/last-layer precision {first_last!r}: use 'auto', 'fp' or 8",
+                          param="first_last") from None
 
 
 @dataclasses.dataclass
 class ModelConfig:
+    """What a model family builds: its input, classes, width, quantizer and bitwidth policy.
+
+    Args:
+        family: a key of :data:`tfbitmeta.models.FAMILIES`.
+        input_shape: ``(height, width, channels)`` of the model input.
+        num_classes: classifier outputs (0 for an embedding model).
+        width: the family's width parameter (multiplier, base channels or alpha).
+        scheme: quantizer scheme, a key of :data:`tfbitmeta.quant.quantizers.SCHEMES`.
+        first_last: precision of the first conv, the last dense and the activation feeding it; ``"auto"`` is
+            resolved by :func:`first_last_precision` when the config is made.
+        bn_mode: :class:`~tfbitmeta.quant.layers.BitBatchNorm` inference statistics, ``"calibrated"`` or ``"batch"``.
+        candidates: the bitwidths the model supports.
+        exits: split points with an early-exit head; None = the family's default.
+        dropout: dropout rate; None = the family's default.
+    """
+
     family: str = "svhn_cnn"
     input_shape: tuple[int, int, int] = (28, 28, 1)
     num_classes: int = 10
     width: float = 2.0
-    scheme: str = "dorefa"
-    first_last: str | int = "fp"  # precision of the first conv, the last dense and the activation feeding it
+    scheme: str = DEFAULT_SCHEME
+    first_last: str | int = "auto"
     bn_mode: str = "calibrated"
     candidates: BitSpace = dataclasses.field(default_factory=BitSpace)
-    exits: tuple[int, ...] | None = None  # split points with an early-exit head; None = the family's default
-    dropout: float | None = None  # None = the family's default
+    exits: tuple[int, ...] | None = None
+    dropout: float | None = None
+
+    def __post_init__(self):
+        self.first_last = first_last_precision(self.first_last, self.scheme)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -57,7 +94,7 @@ class LayerFactory:
         self.cfg = cfg
         fl = cfg.first_last
         if fl not in ("fp", 8) and not (isinstance(fl, int) and 2 <= fl <= 16):
-            raise TfbitmetaError(f"bad first/last-layer precision {fl!r}: use 'fp' or 8")
+            raise BadArgument(f"bad first/last-layer precision {fl!r}: use 'fp' or 8", param="first_last")
         self._common = {"scheme": cfg.scheme, "candidates": cfg.candidates}
 
     def _precision(self, role):
@@ -133,17 +170,13 @@ class BitModel:
         self.keras = tf.keras.Model([image, bits], outputs, name=cfg.family)
 
     # -- parts ---------------------------------------------------------------------------------
-    @property
-    def num_splits(self) -> int:
-        return len(self.stages) - 1
-
     def _check_split(self, split: int):
         if not 1 <= split <= len(self.stages) - 1:
-            raise TfbitmetaError(f"split {split} does not exist: {self.cfg.family} has splits 1..{len(self.stages) - 1}")
+            raise BadArgument(f"split {split} does not exist: {self.cfg.family} has splits 1..{len(self.stages) - 1}")
 
     def _check_exit(self, split: int):
         if split not in self.exit_heads:
-            raise TfbitmetaError(f"exit {split} does not exist; the model has exits at {list(self.exits) or 'none'}")
+            raise BadArgument(f"exit {split} does not exist; the model has exits at {list(self.exits) or 'none'}")
 
     def _inputs(self, shape=None, name="image"):
         shape = tuple(self.cfg.input_shape) if shape is None else shape
@@ -164,11 +197,6 @@ class BitModel:
         for stage in self.stages[:split]:
             h = stage(h, bits)
         return tf.keras.Model([image, bits], h, name=f"extractor{split}")
-
-    def exit_head(self, split: int) -> tf.keras.Model:
-        self._check_exit(split)
-        feats, bits = self._inputs(self.feature_shape(split), name="features")
-        return tf.keras.Model([feats, bits], self.exit_heads[split](feats, bits), name=f"exit{split}")
 
     def backend(self, split: int) -> tf.keras.Model:
         self._check_split(split)

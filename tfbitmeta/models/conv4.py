@@ -1,4 +1,4 @@
-"""Conv-4, the few-shot backbone (MAML's "CNN5" / ProtoNet's "CNN4", mebqat-spec §3-4), with bitwidth input.
+"""Conv-4, the few-shot backbone (MAML's "CNN5" / ProtoNet's "CNN4", docs/method.md, "Models"), with bitwidth input.
 
 Four blocks of conv3x3 (same) -> BatchNorm -> max-pool 2 -> ReLU(+activation quantization); ``16 * width``
 channels (width 4 = the reference's 64).  The first conv follows the ``first_last`` policy; the ReLUs after

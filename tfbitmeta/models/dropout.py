@@ -9,7 +9,16 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
 class CheckpointedDropout(tf.keras.layers.Layer):
+    """Dropout with stateless masks seeded by ``(seed, counter)``; the counter is saved with the model.
+
+    Args:
+        rate: the fraction of units dropped while training.
+        seed: the mask seed (with the step counter).
+        **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
+    """
+
     def __init__(self, rate: float, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.rate = float(rate)

@@ -1,4 +1,4 @@
-"""Pre-activation ResNet-20 (mebqat-spec §4) at configurable base width (reference: 80 = 16 x expand 5)."""
+"""Pre-activation ResNet-20 (docs/method.md, "Models") at configurable base width (reference: 80 = 16 x expand 5)."""
 from __future__ import annotations
 
 import tensorflow as tf

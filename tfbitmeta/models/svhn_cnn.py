@@ -1,4 +1,4 @@
-"""The Any-Precision / MEBQAT SVHN CNN ("CNN8", mebqat-spec §4) at width multiplier ``ep``.
+"""The Any-Precision / MEBQAT SVHN CNN ("CNN8", docs/method.md, "Models") at width multiplier ``ep``.
 
 The last conv's kernel equals the remaining feature-map size (5 for the reference's 40x40 input), so the
 family works for inputs of 24 px and more.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument
 from tfbitmeta.models.base import BitModel, LayerFactory, ModelConfig, Stage
 from tfbitmeta.models.dropout import CheckpointedDropout
 
@@ -18,8 +18,8 @@ def build(cfg: ModelConfig) -> BitModel:
     ep = max(1, int(round(cfg.width)))
     size = min(cfg.input_shape[:2])
     if size < MIN_SIZE:
-        raise TfbitmetaError(f"svhn_cnn needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px (got {size}); "
-                             f"use --image-size {MIN_SIZE} or another model")
+        raise BadArgument(f"svhn_cnn needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px (got {size}); "
+                          f"resize the images to {MIN_SIZE} or use another model", param="image_size")
     L = LayerFactory(cfg)
     pool = tf.keras.layers.MaxPool2D
     final_k = (((size - 4) // 2) // 2) - 4  # spatial size before the last conv

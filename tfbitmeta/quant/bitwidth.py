@@ -7,11 +7,11 @@ Full precision is encoded as :data:`FP` (32).  Inside a model the pair travels a
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument
 
 FP = 32
 """Full precision (float32) as a bitwidth value."""
@@ -34,17 +34,49 @@ def config_name(cfg: Config) -> str:
     return bit_name(w) if w == a else f"w{bit_name(w)}a{bit_name(a)}"
 
 
-def parse_bit(token: str) -> int:
+def parse_bit(token: str, param: str | None = "bits") -> int:
+    """One bitwidth: ``'1'``..``'16'``, or ``'fp'`` (also ``fp32``, ``32``, ``float``, ``none``) for :data:`FP`."""
     t = token.strip().lower()
     if t in ("fp", "fp32", "32", "float", "none"):
         return FP
     try:
         b = int(t)
     except ValueError:
-        raise TfbitmetaError(f"bad bitwidth {token!r}: use an integer 1-16 or 'fp'") from None
+        raise BadArgument(f"bad bitwidth {token!r}: use an integer 1-16 or 'fp'", param=param) from None
     if not 1 <= b <= 16:
-        raise TfbitmetaError(f"bad bitwidth {token!r}: use an integer 1-16 or 'fp'")
+        raise BadArgument(f"bad bitwidth {token!r}: use an integer 1-16 or 'fp'", param=param)
     return b
+
+
+def parse_bits(spec: str, *, all_bits: Iterable[int] = DEFAULT_BITS, allowed: Collection[int] | None = None,
+               keep_order: bool = False, param: str | None = "bits") -> tuple[int, ...]:
+    """A list of per-tensor bitwidths such as ``'2,4,8,fp'``; ``'all'`` is ``all_bits``.
+
+    The one parser of bitwidth lists (training candidates, few-shot training bits, federated client bits).
+
+    Args:
+        spec: comma-separated bitwidths (see :func:`parse_bit`) or ``'all'``.
+        all_bits: what ``'all'`` means.
+        allowed: if given, every value must be in it.
+        keep_order: keep the given order (duplicates dropped) instead of sorting, e.g. for round-robin assignment.
+        param: the argument name reported in errors.
+
+    Returns:
+        the distinct bitwidths, sorted unless ``keep_order``.
+    """
+    tokens = [t for t in str(spec).split(",") if t.strip()]
+    if len(tokens) == 1 and tokens[0].strip().lower() == "all":
+        bits = tuple(all_bits)
+    else:
+        bits = tuple(parse_bit(t, param) for t in tokens)
+    if not bits:
+        raise BadArgument(f"no bitwidth in {spec!r}: give e.g. '2,4,8,fp' or 'all'", param=param)
+    if allowed is not None:
+        bad = [b for b in bits if b not in allowed]
+        if bad:
+            raise BadArgument(f"bitwidth {', '.join(bit_name(b) for b in bad)} not allowed here: use "
+                              f"{', '.join(bit_name(b) for b in sorted(allowed))}", param=param)
+    return tuple(dict.fromkeys(bits)) if keep_order else tuple(sorted(set(bits)))
 
 
 def parse_config(token: str) -> Config:
@@ -61,7 +93,7 @@ def parse_config(token: str) -> Config:
 
 
 def is_valid_pair(w: int, a: int) -> bool:
-    """The reference's rejection rules (mebqat-spec §1.1)."""
+    """The reference's rejection rules for (w, a) pairs (docs/method.md, "Tasks")."""
     if w == FP and a != FP:
         return False
     if w == 1 and a not in (1, FP):
@@ -87,9 +119,9 @@ class BitSpace:
         bits = tuple(sorted(set(int(b) for b in self.bits)))
         for b in bits:
             if not (1 <= b <= 16 or b == FP):
-                raise TfbitmetaError(f"bad candidate bitwidth {b}: use 1-16 or fp")
+                raise BadArgument(f"bad candidate bitwidth {b}: use 1-16 or fp")
         if not bits:
-            raise TfbitmetaError("the candidate bitwidth set is empty")
+            raise BadArgument("the candidate bitwidth set is empty")
         object.__setattr__(self, "bits", bits)
 
     @property
@@ -116,7 +148,7 @@ class BitSpace:
     def check(self, cfg: Config) -> Config:
         cfg = (int(cfg[0]), int(cfg[1]))
         if cfg not in self.configs:
-            raise TfbitmetaError(
+            raise BadArgument(
                 f"bitwidth {config_name(cfg)} is not in the model's candidate set "
                 f"({', '.join(config_name(c) for c in self.diagonal)}"
                 f"{'' if self.w_eq_a else ' and their valid (w,a) pairs'})"

@@ -4,15 +4,15 @@ Every layer is called on ``[x, bits]`` where ``bits`` is the model's float input
 holding ``(weight_bits, activation_bits)`` (see :mod:`tfbitmeta.quant.bitwidth`).  A layer's ``precision`` is
 its policy: ``"adaptive"`` follows the bits input; ``"fp"`` is always float; an integer (e.g. ``8``) is a
 fixed bitwidth -- except in the full-precision task ``(FP, FP)``, where every layer runs in float, as in the
-reference (mebqat-spec §1.1).
+reference (docs/method.md, "Tasks").
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument
 from tfbitmeta.quant.bitwidth import FP, BitSpace
-from tfbitmeta.quant.quantizers import get_scheme
+from tfbitmeta.quant.quantizers import DEFAULT_SCHEME, get_scheme
 
 ADAPTIVE = "adaptive"
 
@@ -22,7 +22,7 @@ def _check_precision(p):
         return p
     if isinstance(p, int) and 1 <= p <= 16:
         return p
-    raise TfbitmetaError(f"bad layer precision {p!r}: use 'adaptive', 'fp' or an integer 1-16")
+    raise BadArgument(f"bad layer precision {p!r}: use 'adaptive', 'fp' or an integer 1-16", param="precision")
 
 
 def _x_shape(shape):
@@ -40,6 +40,17 @@ def _effective_bits(precision, bits_value, fp_task):
     return tf.where(fp_task, float(FP), float(precision))
 
 
+def _bitspace(candidates) -> BitSpace:
+    """The candidate set from a :class:`BitSpace`, its config dict (a revived layer config) or None (the default)."""
+    if candidates is None:
+        return BitSpace()
+    if isinstance(candidates, dict):
+        return BitSpace.from_config(candidates)
+    if isinstance(candidates, BitSpace):
+        return candidates
+    raise BadArgument(f"bad candidate bitwidths {candidates!r}: use a BitSpace", param="candidates")
+
+
 class _BitMixin:
     """Shared config and bit selection of the quantized layers."""
 
@@ -47,21 +58,54 @@ class _BitMixin:
         self.scheme_name = scheme
         self.scheme = get_scheme(scheme)
         self.precision = _check_precision(precision)
-        self.candidates = BitSpace.from_config(candidates) if isinstance(candidates, dict) else (candidates or BitSpace())
+        self.candidates = _bitspace(candidates)
         self.input_spec = None  # inputs are [x, bits]
 
     def weight_bits(self, bits):
+        """The weight bitwidth this layer uses for the ``bits`` input (a scalar float tensor)."""
         fp_task = bits[0, 0] >= FP
         return _effective_bits(self.precision, bits[0, 0], fp_task)
 
     def act_bits(self, bits):
+        """The activation bitwidth this layer uses for the ``bits`` input (a scalar float tensor)."""
         fp_task = bits[0, 0] >= FP
         return _effective_bits(self.precision, bits[0, 1], fp_task)
 
-    def _bit_config(self):
-        return {"scheme": self.scheme_name, "precision": self.precision, "candidates": self.candidates.to_config()}
+    def get_config(self):
+        return {**super().get_config(), "scheme": self.scheme_name, "precision": self.precision,
+                "candidates": self.candidates.to_config()}
 
-    # Keras plumbing shared by the kernel layers: they are called on [x, bits] but shaped by x alone.
+    @classmethod
+    def from_config(cls, config):
+        """Revive the nested candidate set (saved as a dict) before calling the constructor."""
+        config = dict(config)
+        config["candidates"] = _bitspace(config.get("candidates"))
+        return cls(**config)
+
+
+class _QuantizedKernel(_BitMixin):
+    """The one ``call`` path of the kernel layers: quantize the kernel at the weight bitwidth, apply it, add the
+    bias, activate.  A subclass names its kernel attribute, the axes reduced per output channel and the op."""
+
+    kernel_attr = "kernel"
+    reduce_axes: tuple[int, ...] = ()
+
+    def _apply_kernel(self, x, kernel):
+        raise NotImplementedError
+
+    def quantized_kernel(self, bits):
+        """The kernel fake-quantized at this layer's weight bitwidth for the ``bits`` input."""
+        return self.scheme.quantize_weight(getattr(self, self.kernel_attr), self.weight_bits(bits),
+                                           list(self.reduce_axes))
+
+    def call(self, inputs):
+        x, bits = inputs
+        y = self._apply_kernel(x, self.quantized_kernel(bits))
+        if self.use_bias:
+            y = tf.nn.bias_add(y, self.bias)
+        return self.activation(y)
+
+    # Keras plumbing: the layers are called on [x, bits] but shaped by x alone.
     def build(self, input_shape):
         super().build(_x_shape(input_shape))
         self.input_spec = None  # inputs are [x, bits]
@@ -69,70 +113,89 @@ class _BitMixin:
     def compute_output_shape(self, input_shape):
         return super().compute_output_shape(_x_shape(input_shape))
 
-    def get_config(self):
-        return {**super().get_config(), **self._bit_config()}
+
+_BIT_ARGS = """scheme: quantizer scheme, a key of :data:`~tfbitmeta.quant.quantizers.SCHEMES`.
+        precision: ``"adaptive"`` (follow the ``bits`` input), ``"fp"`` or a fixed bitwidth 1-16 (float in the
+            full-precision task).
+        candidates: the model's candidate bitwidths (:class:`~tfbitmeta.quant.bitwidth.BitSpace`); default all."""
 
 
-class QConv2D(_BitMixin, tf.keras.layers.Conv2D):
-    """Conv2D with a fake-quantized kernel at the bitwidth given by the ``bits`` input."""
+def _kernel_layer_doc(summary: str, base: str, own_args: str) -> str:
+    """The docstring of a quantized kernel layer: its summary, its own arguments, then the shared ones."""
+    return f"""{summary}
 
-    def __init__(self, filters, kernel_size, scheme="dorefa", precision=ADAPTIVE, candidates=None, **kwargs):
+    Called on ``[x, bits]``.
+
+    Args:
+        {own_args}
+        {_BIT_ARGS}
+        **kwargs: any :class:`{base}` argument (the kernel initializer defaults to PyTorch's).
+    """
+
+
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
+class QConv2D(_QuantizedKernel, tf.keras.layers.Conv2D):
+    __doc__ = _kernel_layer_doc("Conv2D with a fake-quantized kernel at the bitwidth given by the ``bits`` input.",
+                                "tf.keras.layers.Conv2D",
+                                "filters: output channels.\n        kernel_size: an int or a pair.")
+
+    reduce_axes = (0, 1, 2)
+
+    def __init__(self, filters, kernel_size, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
         kwargs.setdefault("kernel_initializer", pytorch_kernel_init())
         super().__init__(filters, kernel_size, **kwargs)
         self._init_bits(scheme, precision, candidates)
 
-    def quantized_kernel(self, bits):
-        return self.scheme.quantize_weight(self.kernel, self.weight_bits(bits), [0, 1, 2])
-
-    def call(self, inputs):
-        x, bits = inputs
-        y = self.convolution_op(x, self.quantized_kernel(bits))
-        if self.use_bias:
-            y = tf.nn.bias_add(y, self.bias)
-        return self.activation(y)
+    def _apply_kernel(self, x, kernel):
+        return self.convolution_op(x, kernel)
 
 
-class QDepthwiseConv2D(_BitMixin, tf.keras.layers.DepthwiseConv2D):
-    def __init__(self, kernel_size, scheme="dorefa", precision=ADAPTIVE, candidates=None, **kwargs):
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
+class QDepthwiseConv2D(_QuantizedKernel, tf.keras.layers.DepthwiseConv2D):
+    __doc__ = _kernel_layer_doc("DepthwiseConv2D with a fake-quantized kernel at the bitwidth of the ``bits`` input.",
+                                "tf.keras.layers.DepthwiseConv2D", "kernel_size: an int or a pair.")
+
+    kernel_attr = "depthwise_kernel"
+    reduce_axes = (0, 1)
+
+    def __init__(self, kernel_size, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
         kwargs.setdefault("depthwise_initializer", pytorch_kernel_init())
         super().__init__(kernel_size, **kwargs)
         self._init_bits(scheme, precision, candidates)
 
-    def quantized_kernel(self, bits):
-        return self.scheme.quantize_weight(self.depthwise_kernel, self.weight_bits(bits), [0, 1])
-
-    def call(self, inputs):
-        x, bits = inputs
-        y = tf.nn.depthwise_conv2d(
-            x, self.quantized_kernel(bits), strides=(1,) + self.strides + (1,),
-            padding=self.padding.upper(), dilations=self.dilation_rate, data_format="NHWC",
-        )
-        if self.use_bias:
-            y = tf.nn.bias_add(y, self.bias)
-        return self.activation(y)
+    def _apply_kernel(self, x, kernel):
+        return tf.nn.depthwise_conv2d(x, kernel, strides=(1,) + self.strides + (1,), padding=self.padding.upper(),
+                                      dilations=self.dilation_rate, data_format="NHWC")
 
 
-class QDense(_BitMixin, tf.keras.layers.Dense):
-    def __init__(self, units, scheme="dorefa", precision=ADAPTIVE, candidates=None, **kwargs):
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
+class QDense(_QuantizedKernel, tf.keras.layers.Dense):
+    __doc__ = _kernel_layer_doc("Dense with a fake-quantized kernel at the bitwidth given by the ``bits`` input.",
+                                "tf.keras.layers.Dense", "units: output features.")
+
+    reduce_axes = (0,)
+
+    def __init__(self, units, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
         kwargs.setdefault("kernel_initializer", pytorch_kernel_init())
         super().__init__(units, **kwargs)
         self._init_bits(scheme, precision, candidates)
 
-    def quantized_kernel(self, bits):
-        return self.scheme.quantize_weight(self.kernel, self.weight_bits(bits), [0])
-
-    def call(self, inputs):
-        x, bits = inputs
-        y = tf.matmul(x, self.quantized_kernel(bits))
-        if self.use_bias:
-            y = tf.nn.bias_add(y, self.bias)
-        return self.activation(y)
+    def _apply_kernel(self, x, kernel):
+        return tf.matmul(x, kernel)
 
 
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
 class QReLU(_BitMixin, tf.keras.layers.Layer):
-    """ReLU followed by activation quantization at the activation bitwidth (plain ReLU at FP)."""
+    __doc__ = f"""ReLU followed by activation quantization at the activation bitwidth (plain ReLU at FP).
 
-    def __init__(self, scheme="dorefa", precision=ADAPTIVE, candidates=None, **kwargs):
+    Called on ``[x, bits]``.
+
+    Args:
+        {_BIT_ARGS}
+        **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
+    """
+
+    def __init__(self, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
         super().__init__(**kwargs)
         self._init_bits(scheme, precision, candidates)
 
@@ -144,6 +207,12 @@ class QReLU(_BitMixin, tf.keras.layers.Layer):
         return _x_shape(input_shape)
 
 
+STATISTICS = ("batch", "calibrated", "accumulate")
+"""What a :class:`BitBatchNorm` normalizes with at inference: ``batch`` statistics, its ``calibrated`` per-bitwidth
+slot, or batch statistics while ``accumulate``-ing them into the slot (calibration)."""
+
+
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
 class BitBatchNorm(tf.keras.layers.Layer):
     """BatchNorm with shared affine parameters and per-bitwidth statistics.
 
@@ -153,6 +222,17 @@ class BitBatchNorm(tf.keras.layers.Layer):
     * ``mode="calibrated"``: inference uses the statistics of the configuration given by the ``bits`` input
       (one slot per configuration of the candidate set), so batch-1 inference equals batched inference.  The
       slots are filled by :func:`tfbitmeta.quant.calibration.calibrate_batchnorm` after training.
+
+    ``mode`` is fixed when the layer is made and is never switched from outside.  To run a model with other
+    inference statistics, :func:`tfbitmeta.quant.calibration.with_bn_statistics` builds a twin model whose
+    BatchNorms are :class:`BatchNormStatistics` views (same variables, their own fixed statistics), so a traced
+    function always sees the statistics of the model it was traced with.
+
+    Args:
+        candidates: the model's candidate bitwidths; one statistics slot per configuration.
+        mode: inference statistics, ``"calibrated"`` or ``"batch"``.
+        epsilon: added to the variance.
+        **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
     """
 
     MODES = ("batch", "calibrated")
@@ -160,11 +240,10 @@ class BitBatchNorm(tf.keras.layers.Layer):
     def __init__(self, candidates=None, mode="calibrated", epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         if mode not in self.MODES:
-            raise TfbitmetaError(f"bad BatchNorm mode {mode!r}; choose from {', '.join(self.MODES)}")
-        self.candidates = BitSpace.from_config(candidates) if isinstance(candidates, dict) else (candidates or BitSpace())
+            raise BadArgument(f"bad BatchNorm mode {mode!r}; choose from {', '.join(self.MODES)}", param="bn_mode")
+        self.candidates = _bitspace(candidates)
         self.mode = mode
         self.epsilon = epsilon
-        self.calibration_weight = None  # set by calibrate_batchnorm(): accumulate batch stats into the slot
 
     def build(self, input_shape):
         c = int(_x_shape(input_shape)[-1])
@@ -176,21 +255,27 @@ class BitBatchNorm(tf.keras.layers.Layer):
         self._slot_table = self.candidates.slot_table()
 
     def slot(self, bits):
+        """The statistics slot of the configuration in the ``bits`` input (a scalar int tensor)."""
         return tf.constant(self._slot_table)[tf.cast(bits[0, 0], tf.int32), tf.cast(bits[0, 1], tf.int32)]
 
-    def call(self, inputs, training=None):
+    def normalize(self, inputs, training=None, statistics: str = "calibrated", weight: float = 0.0):
+        """Normalize ``[x, bits]`` with explicit inference ``statistics`` (one of :data:`STATISTICS`); training
+        always uses batch statistics.  ``accumulate`` adds ``weight`` x the batch statistics to the slot."""
         x, bits = inputs
         axes = list(range(len(x.shape) - 1))
-        if training or self.mode == "batch" or self.calibration_weight is not None:
+        if training or statistics in ("batch", "accumulate"):
             mean, var = tf.nn.moments(x, axes)
-            if self.calibration_weight is not None and not training:
+            if statistics == "accumulate" and not training:
                 slot = self.slot(bits)
-                self.moving_mean.scatter_nd_add([[slot]], [mean * self.calibration_weight])
-                self.moving_variance.scatter_nd_add([[slot]], [var * self.calibration_weight])
+                self.moving_mean.scatter_nd_add([[slot]], [mean * weight])
+                self.moving_variance.scatter_nd_add([[slot]], [var * weight])
         else:
             slot = self.slot(bits)
             mean, var = tf.gather(self.moving_mean, slot), tf.gather(self.moving_variance, slot)
         return tf.nn.batch_normalization(x, mean, var, self.beta, self.gamma, self.epsilon)
+
+    def call(self, inputs, training=None):
+        return self.normalize(inputs, training, self.mode)
 
     def compute_output_shape(self, input_shape):
         return _x_shape(input_shape)
@@ -199,10 +284,45 @@ class BitBatchNorm(tf.keras.layers.Layer):
         return {**super().get_config(), "candidates": self.candidates.to_config(), "mode": self.mode,
                 "epsilon": self.epsilon}
 
+    @classmethod
+    def from_config(cls, config):
+        """Revive the nested candidate set (saved as a dict) before calling the constructor."""
+        config = dict(config)
+        config["candidates"] = _bitspace(config.get("candidates"))
+        return cls(**config)
+
+
+class BatchNormStatistics(tf.keras.layers.Layer):
+    """A view of a :class:`BitBatchNorm` (same variables) that normalizes with fixed ``statistics``.
+
+    Made by :func:`tfbitmeta.quant.calibration.with_bn_statistics`; not serialized (a twin model is rebuilt from
+    the original when needed).
+
+    Args:
+        bn: the BatchNorm whose variables this view uses.
+        statistics: one of :data:`STATISTICS`.
+        weight: for ``accumulate``, the factor of each batch's statistics (1 / number of batches).
+    """
+
+    def __init__(self, bn: BitBatchNorm, statistics: str, weight: float = 0.0, **kwargs):
+        super().__init__(name=f"{bn.name}_{statistics}", **kwargs)
+        if statistics not in STATISTICS:
+            raise BadArgument(f"bad BatchNorm statistics {statistics!r}; choose from {', '.join(STATISTICS)}")
+        self.bn, self.statistics, self.weight = bn, statistics, float(weight)
+        self.candidates = bn.candidates
+
+    def call(self, inputs, training=None):
+        return self.bn.normalize(inputs, training, self.statistics, self.weight)
+
+    def compute_output_shape(self, input_shape):
+        return _x_shape(input_shape)
+
 
 def pytorch_kernel_init():
-    """PyTorch's default conv/linear init, as the reference uses (mebqat-spec §8)."""
+    """PyTorch's default conv/linear init, as the reference uses (docs/method.md, "Models")."""
     return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 CUSTOM_OBJECTS = {c.__name__: c for c in (QConv2D, QDepthwiseConv2D, QDense, QReLU, BitBatchNorm)}
+"""Compatibility alias: the layers are registered with Keras (package ``tfbitmeta``), so ``load_model`` needs no
+``custom_objects``; passing this dict still works."""

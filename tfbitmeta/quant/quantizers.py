@@ -3,7 +3,7 @@
 Two schemes share one interface (:class:`Scheme`), in the spirit of tfmot's quantizer / quantize-config split:
 layers ask a scheme to quantize their kernel or their activation at the bitwidth they were given.
 
-* ``dorefa`` -- the reference's "Yu21" (Any-Precision) scheme, mebqat-spec.md §2.1.
+* ``dorefa`` -- the reference's "Yu21" (Any-Precision) scheme (docs/quantizers.md, "dorefa").
 * ``exact``  -- TFLite-exact: symmetric per-channel weights whose values are integer multiples of one scale
   per output channel (codes in ``[-(2^(k-1)-1), 2^(k-1)-1]``, so they store exactly in int8 / int4 with zero
   point 0), 1-bit as ``sign(W) * mean|W|`` (codes ±1).  Activations are on the ``[0, 1]`` grid with step
@@ -18,7 +18,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.errors import BadArgument
 from tfbitmeta.quant.bitwidth import FP, MAX_BITS
 
 
@@ -135,10 +135,14 @@ class Exact(Scheme):
 
 
 SCHEMES = {s.name: s for s in (DoReFa(), Exact())}
+"""The quantizer schemes by name (the CLI's ``--scheme`` choices)."""
+
+DEFAULT_SCHEME = Exact.name
+"""The scheme of layers, model configs, trainers and the CLI unless one is given: TFLite-exact integer grids."""
 
 
 def get_scheme(name: str) -> Scheme:
     try:
         return SCHEMES[name]
     except KeyError:
-        raise TfbitmetaError(f"unknown quantizer scheme {name!r}; choose from {', '.join(SCHEMES)}") from None
+        raise BadArgument(f"unknown quantizer scheme {name!r}; choose from {', '.join(SCHEMES)}", param="scheme") from None

@@ -7,6 +7,7 @@ import android.content.Intent
 import android.graphics.Bitmap
 import android.os.Bundle
 import android.text.InputType
+import android.util.Log
 import android.view.View
 import android.view.ViewGroup
 import android.widget.AdapterView
@@ -23,6 +24,8 @@ import com.tfbitmeta.demo.core.BitsChoice
 import com.tfbitmeta.demo.core.Bitwidth
 import com.tfbitmeta.demo.core.Classifier
 import com.tfbitmeta.demo.core.FallbackClient
+import com.tfbitmeta.demo.core.FrontEnd
+import com.tfbitmeta.demo.core.FrontEndEngine
 import com.tfbitmeta.demo.core.Manifest
 import com.tfbitmeta.demo.core.Sha256
 import java.util.concurrent.ExecutorService
@@ -32,13 +35,17 @@ import java.util.concurrent.Executors
  * The demo screen, built in code with framework widgets only (no AndroidX, no generated R class): pick a bundled
  * sample or a gallery image, choose a bitwidth or "auto", classify on the device, fall back to the server when the
  * early exit is not confident. Model loading, inference and the network call run on [worker], never on the main
- * thread; the UI is updated with runOnUiThread.
+ * thread; the UI is updated with runOnUiThread. The loaded front end ([engine]) is kept across clicks and closed
+ * when another front end is chosen, when it failed, and when the Activity is destroyed.
  */
 class MainActivity : Activity() {
     private val worker: ExecutorService = Executors.newSingleThreadExecutor()
     private lateinit var manifest: Manifest
     private lateinit var samples: List<String>
     private var image: Bitmap? = null
+    // The open front end and the manifest entry it was loaded from: used on [worker] only.
+    private var engine: FrontEndEngine? = null
+    private var engineFront: FrontEnd? = null
 
     private lateinit var sampleSpinner: Spinner
     private lateinit var bitsSpinner: Spinner
@@ -52,7 +59,7 @@ class MainActivity : Activity() {
     override fun onCreate(savedInstanceState: Bundle?) {
         super.onCreate(savedInstanceState)
         val root = LinearLayout(this).apply { orientation = LinearLayout.VERTICAL; setPadding(32, 32, 32, 32) }
-        result = TextView(this).apply { setTextIsSelectable(true) }
+        result = TextView(this).apply { setTextIsSelectable(true); tag = "result" }
         try {
             manifest = Manifest.parse(assets.open("models/manifest.json").use { String(it.readBytes(), Charsets.UTF_8) })
             samples = (assets.list("samples") ?: emptyArray()).sorted()
@@ -66,6 +73,7 @@ class MainActivity : Activity() {
 
         root.addView(label("Sample image"))
         sampleSpinner = Spinner(this).apply {
+            tag = "samples"
             adapter = ArrayAdapter(this@MainActivity, android.R.layout.simple_spinner_dropdown_item, samples)
             onItemSelectedListener = object : AdapterView.OnItemSelectedListener {
                 override fun onItemSelected(parent: AdapterView<*>?, view: View?, position: Int, id: Long) =
@@ -82,6 +90,7 @@ class MainActivity : Activity() {
             }
         })
         preview = ImageView(this).apply {
+            tag = "preview"
             adjustViewBounds = true
             layoutParams = LinearLayout.LayoutParams(ViewGroup.LayoutParams.MATCH_PARENT, 360)
         }
@@ -90,22 +99,23 @@ class MainActivity : Activity() {
         root.addView(label("Bitwidth"))
         val bitsNames = listOf("auto") + manifest.frontEnds.map { it.bitsName }.distinct()
         bitsSpinner = Spinner(this).apply {
+            tag = "bits"
             adapter = ArrayAdapter(this@MainActivity, android.R.layout.simple_spinner_dropdown_item, bitsNames)
             setSelection(bitsNames.indexOf(prefs.getString("bits", "auto")).coerceAtLeast(0))
         }
         root.addView(bitsSpinner)
 
         root.addView(label("Server URL (emulator: http://10.0.2.2:8500)"))
-        urlEdit = edit(prefs.getString("url", "http://10.0.2.2:8500")!!, InputType.TYPE_TEXT_VARIATION_URI)
+        urlEdit = edit(prefs.getString("url", "http://10.0.2.2:8500")!!, InputType.TYPE_TEXT_VARIATION_URI).apply { tag = "url" }
         root.addView(urlEdit)
         root.addView(label("Bearer token"))
-        tokenEdit = edit(prefs.getString("token", "")!!, InputType.TYPE_TEXT_VARIATION_PASSWORD)
+        tokenEdit = edit(prefs.getString("token", "")!!, InputType.TYPE_TEXT_VARIATION_PASSWORD).apply { tag = "token" }
         root.addView(tokenEdit)
         root.addView(label("Exit threshold (empty: the manifest's)"))
-        thresholdEdit = edit(prefs.getString("threshold", "")!!, InputType.TYPE_NUMBER_FLAG_DECIMAL)
+        thresholdEdit = edit(prefs.getString("threshold", "")!!, InputType.TYPE_NUMBER_FLAG_DECIMAL).apply { tag = "threshold" }
         root.addView(thresholdEdit)
 
-        classifyButton = Button(this).apply { text = "Classify"; setOnClickListener { classify() } }
+        classifyButton = Button(this).apply { text = "Classify"; tag = "classify"; setOnClickListener { classify() } }
         root.addView(classifyButton)
         root.addView(result)
         setContentView(ScrollView(this).apply { addView(root) })
@@ -121,7 +131,8 @@ class MainActivity : Activity() {
     }
 
     override fun onDestroy() {
-        worker.shutdownNow()
+        worker.execute { closeEngine() }   // after a classification still in flight
+        worker.shutdown()
         super.onDestroy()
     }
 
@@ -157,18 +168,37 @@ class MainActivity : Activity() {
         classifyButton.isEnabled = false
         result.text = "Classifying…"
         worker.execute {
+            // Throwable, not Exception: an Error from the native runtime (UnsatisfiedLinkError, OutOfMemoryError) must
+            // not kill the worker and leave the button disabled.
             val text = try {
                 val front = Bitwidth.choose(manifest.frontEnds, choice)
-                val model = Sha256.verified(front, assets.open("models/${front.path}").use { it.readBytes() })
                 val client = if (url.isEmpty()) null else FallbackClient(url, token.ifEmpty { null }, timeoutMs = 3000)
-                TfliteEngine(model, front, manifest).use { engine ->
-                    describe(Classifier(manifest, client).classify(front, engine, Images.pixels(bitmap, manifest), threshold),
-                        bits == "auto")
-                }
-            } catch (e: Exception) {
-                "Error: ${e.message}"
+                val answer = Classifier(manifest, client).classify(front, engineFor(front), Images.pixels(bitmap, manifest), threshold)
+                describe(answer, bits == "auto")
+            } catch (e: Throwable) {
+                closeEngine()   // it may be broken: the next click loads it again
+                "Error: " + if (e is Exception) e.message else "${e.javaClass.simpleName}: ${e.message}"
             }
             runOnUiThread { result.text = text; classifyButton.isEnabled = true }
+        }
+    }
+
+    /** The open engine if it holds [front]; else closes it and opens [front] (sha256-checked first). Worker only. */
+    private fun engineFor(front: FrontEnd): FrontEndEngine {
+        engine?.let { if (engineFront == front) return it }
+        closeEngine()
+        val model = Sha256.verified(front, assets.open("models/${front.path}").use { it.readBytes() })
+        return engineFactory.open(model, front, manifest).also { engine = it; engineFront = front }
+    }
+
+    private fun closeEngine() {
+        val e = engine ?: return
+        engine = null
+        engineFront = null
+        try {
+            e.close()
+        } catch (t: Throwable) {
+            Log.w(TAG, "closing ${e.javaClass.simpleName} failed", t)
         }
     }
 
@@ -199,5 +229,11 @@ class MainActivity : Activity() {
 
     companion object {
         private const val PICK_IMAGE = 1
+        private const val TAG = "tfbitmeta"
+
+        /** How front ends are opened: TFLite on a device. The seam for tests, which install their own engine. */
+        @JvmStatic
+        @Volatile
+        var engineFactory: EngineFactory = EngineFactory { model, front, manifest -> TfliteEngine(model, front, manifest) }
     }
 }

@@ -8,6 +8,11 @@ import org.tensorflow.lite.Interpreter
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
 
+/** Opens one front end, given its sha256-verified bytes, for inference ([MainActivity.engineFactory]). */
+fun interface EngineFactory {
+    fun open(model: ByteArray, front: FrontEnd, manifest: Manifest): FrontEndEngine
+}
+
 /**
  * The thin TFLite wrapper: one front end (already sha256-verified bytes) in an [Interpreter], run through its
  * signature (`image` in; `exit_probs`, `features` out).
