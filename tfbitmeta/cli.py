@@ -10,6 +10,7 @@ Commands:
 * ``serve``          -- the fallback inference server (TF Serving's REST shape) for exported backends.
 * ``classify``       -- the device runtime on one image: early exit, else ask the server.
 * ``android-assets`` -- copy exported front ends and sample images into the Android demo's assets.
+* ``android-apk``    -- build the signed Android demo APK with the exported models inside (android_demo/build-apk.sh).
 
 TensorFlow is imported inside the commands, so ``tfbitmeta --help`` is instant (a command's ``--help`` imports
 the registries its options list).  User errors print one line and exit 1; the option lists (methods, schemes,
