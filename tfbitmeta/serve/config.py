@@ -25,6 +25,8 @@ class ServeConfig:
     request_timeout_s: float = 10.0   # queue wait + backend call
     body_timeout_s: float = 10.0      # per read of the request body (slow uploads -> 408)
     conversion_timeout_s: float = 300.0
+    max_head_bytes: int = 64 * 1024   # request line + headers; beyond -> 431 and the connection closes
+    head_timeout_s: float = 10.0      # a connection must complete its request head within this (idle or slow -> 408)
     grpc_port: int | None = None      # TF Serving's gRPC PredictionService beside REST (None: off)
     workers: int = 1                  # server processes sharing the port(s), each with its own backends
     floor_endpoint: bool = False      # POST /v1/floor answering a constant (the load benchmark's HTTP floor)

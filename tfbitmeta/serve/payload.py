@@ -151,7 +151,7 @@ def _from_list(value: list) -> np.ndarray:
     try:
         arr = np.array(value)
     except (ValueError, TypeError):
-        raise bad("tensor is ragged: every row must have the same length", "invalid_shape") from None
+        raise bad("tensor is ragged or nested too deep: every row must have the same length", "invalid_shape") from None
     if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
         raise bad(f"tensor values must be numbers, got {arr.dtype.kind!r} values", "invalid_dtype")
     return arr

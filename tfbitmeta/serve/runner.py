@@ -9,6 +9,7 @@ that does not parse gets a JSON 400 instead of uvicorn's plain text.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -83,8 +84,16 @@ class HardenedProtocol(HttpToolsProtocol):
         self._reject(400, "invalid_http", msg)
 
 
+def protocol_for(cfg: ServeConfig) -> type[HardenedProtocol]:
+    """HardenedProtocol with ``cfg``'s limits (worker processes need the importable default class)."""
+    if (cfg.max_head_bytes, cfg.head_timeout_s) == (HardenedProtocol.max_head_bytes, HardenedProtocol.head_timeout_s):
+        return HardenedProtocol
+    return type("TunedProtocol", (HardenedProtocol,), {"max_head_bytes": cfg.max_head_bytes,
+                                                       "head_timeout_s": cfg.head_timeout_s})
+
+
 def uvicorn_kwargs(cfg: ServeConfig, log_level: str = "warning") -> dict:
-    return dict(host=cfg.host, port=cfg.port, http=HardenedProtocol, loop="auto", lifespan="on", log_level=log_level,
+    return dict(host=cfg.host, port=cfg.port, http=protocol_for(cfg), loop="auto", lifespan="on", log_level=log_level,
                 access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5, server_header=False,
                 limit_concurrency=4096, backlog=2048)
 
@@ -102,6 +111,8 @@ def serve_forever(cfg: ServeConfig, log_level: str = "info") -> None:
         uvicorn.Server(uvicorn_config(create_app(cfg), cfg, log_level)).run()
         return
     os.environ[CONFIG_ENV] = json.dumps(cfg.to_dict())
+    cfg = dataclasses.replace(cfg, max_head_bytes=HardenedProtocol.max_head_bytes,
+                              head_timeout_s=HardenedProtocol.head_timeout_s)
     uvicorn.run("tfbitmeta.serve.app:app_from_env", factory=True, workers=cfg.workers, **uvicorn_kwargs(cfg, log_level))
 
 
