@@ -1,5 +1,5 @@
 """The FastAPI app: TF Serving's REST routes over the backends, the exported files, on-demand front ends; the gRPC
-PredictionService (serve/grpc_service.py) runs on the same event loop with the same batchers when enabled."""
+PredictionService (serve/grpc_service.py) runs beside it in the same process, on the same backends, when enabled."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tfbitmeta.serve.batching import DynamicBatcher
+from tfbitmeta.serve.batching import Models
 from tfbitmeta.serve.config import ServeConfig
 from tfbitmeta.serve.errors import ApiError, error_body
 from tfbitmeta.serve.frontends import FrontendCache, parse_route
@@ -36,36 +36,6 @@ def _json(obj) -> Response:
 def _file(path, sha256: str) -> FileResponse:
     return FileResponse(path, media_type="application/octet-stream",
                         headers={"X-Sha256": sha256, "ETag": f'"{sha256}"', "Cache-Control": "no-cache"})
-
-
-class Models:
-    """The backends and their batchers, shared by the REST routes and the gRPC service."""
-
-    def __init__(self, cfg: ServeConfig, store: ModelStore):
-        self.cfg, self.store, self.batchers = cfg, store, {}
-
-    def backend(self, name: str):
-        b = self.store.get(name)
-        if b is None:
-            raise ApiError(404, "unknown_model", f"unknown model {name[:80]!r}: available {sorted(self.store.backends)}")
-        return b
-
-    def batcher(self, name: str) -> DynamicBatcher:
-        backend = self.backend(name)
-        if name not in self.batchers:
-            self.batchers[name] = DynamicBatcher(backend.predict, self.cfg.max_batch, self.cfg.max_delay_ms / 1e3,
-                                                 self.cfg.max_queue)
-        return self.batchers[name]
-
-    async def predict(self, name: str, x):
-        try:
-            return await asyncio.wait_for(self.batcher(name).submit(x), self.cfg.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(504, "timeout", f"no answer within {self.cfg.request_timeout_s} s") from None
-
-    async def close(self):
-        for b in self.batchers.values():
-            await b.close()
 
 
 def create_app(cfg: ServeConfig, store: ModelStore | None = None) -> FastAPI:
@@ -94,14 +64,14 @@ def create_app(cfg: ServeConfig, store: ModelStore | None = None) -> FastAPI:
     @app.on_event("startup")
     async def start_grpc():
         if cfg.grpc_port is not None:
-            from tfbitmeta.serve.grpc_service import start_grpc_server
+            from tfbitmeta.serve.grpc_service import GrpcThread
 
-            app.state.grpc = await start_grpc_server(cfg, models)
+            app.state.grpc = await run_in_threadpool(GrpcThread(cfg, store).start)
 
     @app.on_event("shutdown")
     async def close_batchers():
         if app.state.grpc is not None:
-            await app.state.grpc.stop(1)
+            await run_in_threadpool(app.state.grpc.stop)
         await models.close()
 
     @app.get("/healthz")

@@ -89,3 +89,33 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Models:
+    """The backends and their batchers, shared by the REST routes and the gRPC service."""
+
+    def __init__(self, cfg: ServeConfig, store: ModelStore):
+        self.cfg, self.store, self.batchers = cfg, store, {}
+
+    def backend(self, name: str):
+        b = self.store.get(name)
+        if b is None:
+            raise ApiError(404, "unknown_model", f"unknown model {name[:80]!r}: available {sorted(self.store.backends)}")
+        return b
+
+    def batcher(self, name: str) -> DynamicBatcher:
+        backend = self.backend(name)
+        if name not in self.batchers:
+            self.batchers[name] = DynamicBatcher(backend.predict, self.cfg.max_batch, self.cfg.max_delay_ms / 1e3,
+                                                 self.cfg.max_queue)
+        return self.batchers[name]
+
+    async def predict(self, name: str, x):
+        try:
+            return await asyncio.wait_for(self.batcher(name).submit(x), self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within {self.cfg.request_timeout_s} s") from None
+
+    async def close(self):
+        for b in self.batchers.values():
+            await b.close()
