@@ -135,8 +135,14 @@ def measure(args, workers: int, bodies: dict, grpc_request, model: str) -> dict:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = {"workers": workers}
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", server)
-        time.sleep(3 if workers > 1 else 0.5)  # let every worker finish loading
+        wait_healthy(f"http://127.0.0.1:{port}", server, timeout=600)
+        import httpx
+
+        pids, deadline = set(), time.monotonic() + 300
+        while len(pids) < workers and time.monotonic() < deadline:  # every worker answers before the load starts
+            with httpx.Client() as c:
+                pids.add(c.get(f"http://127.0.0.1:{port}/healthz").json()["pid"])
+            time.sleep(0.05)
         rss = server_rss(server.pid)
         out["rss_mb_at_start"] = rss() / 2**20
         c, r, w = args.clients, args.requests, args.warmup

@@ -33,6 +33,9 @@ class DynamicBatcher:
         self.calls = 0  # backend calls made (for tests and the load report)
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
+        return await self.enqueue(x)
+
+    def enqueue(self, x: np.ndarray) -> asyncio.Future:
         if self._rows + len(x) > self.max_queue:
             raise Overloaded(self._rows, self.max_queue)
         loop = asyncio.get_running_loop()
@@ -43,7 +46,7 @@ class DynamicBatcher:
         self._queue.append((x, fut))
         self._rows += len(x)
         self._event.set()
-        return await fut
+        return fut
 
     async def _serve(self):
         loop = asyncio.get_running_loop()
@@ -111,11 +114,20 @@ class Models:
         return self.batchers[name]
 
     async def predict(self, name: str, x):
+        """Queue ``x`` and wait for its rows; 504 after ``request_timeout_s`` (a timer on the future, no task)."""
+        loop = asyncio.get_running_loop()
+        fut = self.batcher(name).enqueue(x)
+        timer = loop.call_later(self.cfg.request_timeout_s, _expire, fut, self.cfg.request_timeout_s)
         try:
-            return await asyncio.wait_for(self.batcher(name).submit(x), self.cfg.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(504, "timeout", f"no answer within {self.cfg.request_timeout_s} s") from None
+            return await fut
+        finally:
+            timer.cancel()
 
     async def close(self):
         for b in self.batchers.values():
             await b.close()
+
+
+def _expire(fut: asyncio.Future, seconds: float) -> None:
+    if not fut.done():
+        fut.set_exception(ApiError(504, "timeout", f"no answer within {seconds} s"))

@@ -113,7 +113,10 @@ def serve_forever(cfg: ServeConfig, log_level: str = "info") -> None:
     os.environ[CONFIG_ENV] = json.dumps(cfg.to_dict())
     cfg = dataclasses.replace(cfg, max_head_bytes=HardenedProtocol.max_head_bytes,
                               head_timeout_s=HardenedProtocol.head_timeout_s)
-    uvicorn.run("tfbitmeta.serve.app:app_from_env", factory=True, workers=cfg.workers, **uvicorn_kwargs(cfg, log_level))
+    # a worker imports TensorFlow before it answers the supervisor's ping: 5 s (the default) is too short on a
+    # loaded machine and the supervisor would kill and restart it forever
+    uvicorn.run("tfbitmeta.serve.app:app_from_env", factory=True, workers=cfg.workers, timeout_worker_healthcheck=120,
+                **uvicorn_kwargs(cfg, log_level))
 
 
 def wait_healthy(url: str, process=None, timeout: float = 120.0) -> None:
