@@ -119,7 +119,7 @@ def test_grpc_token_and_validation_use_status_codes(setup, exported):
 def test_grpc_and_rest_batch_concurrent_requests(exported):
     import threading
 
-    with grpc_server(exported, max_delay_ms=300) as (url, stub, app):
+    with grpc_server(exported, max_delay_ms=300, batch_idle_ms=300) as (url, stub, app):
         f = features(exported, "4", 16)
         out, barrier = {}, threading.Barrier(16)
 

@@ -92,7 +92,7 @@ def test_predict_parity_with_the_backend_in_every_wire_format(server, exported, 
 
 
 def test_concurrent_requests_are_batched(exported, features4):
-    with extra_server(exported, max_delay_ms=200) as (url, app):
+    with extra_server(exported, max_delay_ms=200, batch_idle_ms=200) as (url, app):
         direct = app.state.store.backends[MODEL].predict(features4[:16])
         results, barrier = {}, threading.Barrier(16)
 
@@ -111,7 +111,7 @@ def test_concurrent_requests_are_batched(exported, features4):
 
 
 def test_overload_answers_503_and_timeout_504(exported, features4):
-    with extra_server(exported, max_batch=64, max_queue=64, max_delay_ms=1500) as (url, _):
+    with extra_server(exported, max_batch=64, max_queue=64, max_delay_ms=1500, batch_idle_ms=1500) as (url, _):
         first = {}
         t = threading.Thread(target=lambda: first.update(r=httpx.post(url + PREDICT, json={"inputs": features4[:40].tolist()},
                                                                        timeout=10)))
@@ -122,7 +122,7 @@ def test_overload_answers_503_and_timeout_504(exported, features4):
         assert r.status_code == 503 and r.json()["code"] == "overloaded" and r.headers["retry-after"] == "1"
         t.join()
         assert first["r"].status_code == 200 and len(first["r"].json()["outputs"]) == 40
-    with extra_server(exported, max_delay_ms=1000, request_timeout_s=0.2) as (url, _):
+    with extra_server(exported, max_delay_ms=1000, batch_idle_ms=1000, request_timeout_s=0.2) as (url, _):
         r = httpx.post(url + PREDICT, json={"inputs": features4[:1].tolist()})
         assert r.status_code == 504 and "no answer within 0.2 s" in r.json()["error"]
 

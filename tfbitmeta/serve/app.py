@@ -3,6 +3,7 @@ PredictionService (serve/grpc_service.py) runs beside it in the same process, on
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
@@ -63,6 +64,10 @@ def create_app(cfg: ServeConfig, store: ModelStore | None = None) -> FastAPI:
 
     @app.on_event("startup")
     async def start_grpc():
+        # TensorFlow leaves ~10^6 objects on the heap: a full collection of them stalls every request for tens of
+        # ms; freezing them keeps the collector to what requests allocate (measured: p99 58 -> see benchmarks)
+        gc.collect()
+        gc.freeze()
         if cfg.grpc_port is not None:
             from tfbitmeta.serve.grpc_service import GrpcThread
 

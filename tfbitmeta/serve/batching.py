@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests for one model are joined into one backend call.
 
-A batch starts when the first request arrives and closes when it holds ``max_batch`` rows or ``max_delay`` has
-passed; while the backend runs (in its own thread, so the event loop keeps accepting requests) the next batch
+A batch starts when the first request arrives and closes when it holds ``max_batch`` rows, when ``max_delay`` has
+passed, or when no request arrived for ``idle`` seconds (so closed-loop clients are not held for the whole delay); while the backend runs (in its own thread, so the event loop keeps accepting requests) the next batch
 fills up.  More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
 """
 from __future__ import annotations
@@ -23,8 +23,10 @@ class Overloaded(ApiError):
 
 
 class DynamicBatcher:
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay_s: float, max_queue: int):
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay_s: float, max_queue: int,
+                 idle_s: float | None = None):
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay_s, max_queue
+        self.idle = max_delay_s if idle_s is None else idle_s
         self._queue: collections.deque = collections.deque()
         self._rows = 0
         self._event: asyncio.Event | None = None
@@ -56,7 +58,7 @@ class DynamicBatcher:
             while self._rows < self.max_batch and (left := deadline - loop.time()) > 0:
                 self._event.clear()
                 try:
-                    await asyncio.wait_for(self._event.wait(), left)
+                    await asyncio.wait_for(self._event.wait(), min(left, self.idle))
                 except asyncio.TimeoutError:
                     break
             items, rows = [], 0
@@ -110,7 +112,7 @@ class Models:
         backend = self.backend(name)
         if name not in self.batchers:
             self.batchers[name] = DynamicBatcher(backend.predict, self.cfg.max_batch, self.cfg.max_delay_ms / 1e3,
-                                                 self.cfg.max_queue)
+                                                 self.cfg.max_queue, self.cfg.batch_idle_ms / 1e3)
         return self.batchers[name]
 
     async def predict(self, name: str, x):

@@ -19,7 +19,8 @@ class ServeConfig:
     port: int = 8500
     token: str | None = None
     max_batch: int = 64               # rows per backend call
-    max_delay_ms: float = 2.0         # how long the first request of a batch waits for company
+    max_delay_ms: float = 2.0         # how long the first request of a batch waits for company at most
+    batch_idle_ms: float = 0.3        # ... and no longer than this after the last arrival
     max_queue: int = 4096             # rows waiting for the backend; beyond that -> 503
     max_body_bytes: int = 4 << 20
     request_timeout_s: float = 10.0   # queue wait + backend call
