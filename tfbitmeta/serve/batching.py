@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent requests for one model are joined into one backend call.
 
 A batch starts when the first request arrives and closes when it holds ``max_batch`` rows, when ``max_delay`` has
-passed, or when no request arrived for ``idle`` seconds (so closed-loop clients are not held for the whole delay); while the backend runs (in its own thread, so the event loop keeps accepting requests) the next batch
+passed, or when no request arrived for ``idle`` seconds (so closed-loop clients are not held for the whole
+delay); while the backend runs (in its own thread, so the event loop keeps accepting requests) the next batch
 fills up.  More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
 """
 from __future__ import annotations
@@ -9,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import collections
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from tfbitmeta.serve.errors import ApiError
+
+if TYPE_CHECKING:  # annotations only (no import cycle at run time)
+    from tfbitmeta.serve.config import ServeConfig
+    from tfbitmeta.serve.models import ModelStore
 
 
 class Overloaded(ApiError):
