@@ -165,13 +165,160 @@ def test_make_golden_vectors_are_reproducible(exported, tiny_run, tmp_path):
         out = rt.load(entry, path)(image=load_pixels(tmp_path / "g" / c["image"], rt.manifest)[None])
         np.testing.assert_allclose(out["exit_probs"][0], c["exit_probs"], atol=1e-6)
         req = (tmp_path / "g" / c["request"]).read_bytes()
-        assert rt.request_bytes(entry, out["features"]) == req
+        assert rt.request_bytes(entry, out["features"], packed=False) == req
         feat = np.frombuffer((tmp_path / "g" / c["features"]).read_bytes(), "<f4").reshape(out["features"].shape)
         np.testing.assert_array_equal(feat, out["features"])  # what the Android JVM tests encode
-        assert rt.request_bytes(entry, feat) == req
+        assert rt.request_bytes(entry, feat, packed=False) == req
         body = json.loads(req)["inputs"]["features"]
         assert body["dtype"] == ("int8" if c["bits"] == "4" else "float32") and len(base64.b64decode(body["b64"])) > 0
         resp = json.loads((tmp_path / "g" / c["response"]).read_bytes())
         backend = run_tflite(exported[0] / f"{c['backend']}.tflite", out["features"])["probs"][0]
         np.testing.assert_allclose(resp["outputs"][0], backend, atol=1e-6)
         assert c["fallback"] == (max(c["exit_probs"]) < c["exit_threshold"])
+
+
+# -- a hostile server ------------------------------------------------------------------------------------
+class FakeServer:
+    """A raw-socket HTTP server on 127.0.0.1: ``handler(request_head, sock)`` writes whatever it likes."""
+
+    def __init__(self, handler):
+        import threading
+
+        self.handler, self.sock = handler, socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0)
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    self.handler(head.decode(), conn)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self.url
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def answer(body: bytes, status: str = "200 OK", headers: str = ""):
+    def handler(head, conn):
+        conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{headers}"
+                     f"Connection: close\r\n\r\n".encode() + body)
+    return handler
+
+
+VALID = json.dumps({"outputs": [[0.9] + [0.1 / 9] * 9]}).encode()
+
+
+def test_timeout_is_a_deadline_for_a_trickling_server(models, digit):
+    def trickle(head, conn):
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(VALID)}\r\n\r\n".encode())
+        for i in range(len(VALID)):
+            conn.sendall(VALID[i:i + 1])
+            time.sleep(0.1)
+
+    with FakeServer(trickle) as url:
+        t0 = time.monotonic()
+        a = json.loads(classify(digit[0], "--models", models, "--bits", "4", "--timeout", "1", "--threshold", "1",
+                                "--server", url, "--json").output)
+        took = time.monotonic() - t0
+    assert a["decision"] == "offline" and "within 1.0 s" in a["offline_reason"], a["offline_reason"]
+    assert a["latency_ms"]["server"] < 1600, a["latency_ms"]
+    assert took < 15
+
+
+@pytest.mark.parametrize("what,body", [
+    ("nested 100000 deep", b'{"outputs":' + b"[" * 100000 + b"]" * 100000 + b"}"),
+    ("nested 1000 deep", b'{"outputs":' + b"[" * 1000 + b"]" * 1000 + b"}"),
+    ("negative", json.dumps({"outputs": [[-0.5, 1.5] + [0.0] * 8]}).encode()),
+    ("huge", json.dumps({"outputs": [[1e30] + [0.0] * 9]}).encode()),
+    ("not summing to 1", json.dumps({"outputs": [[0.5] * 10]}).encode()),
+    ("wrong count", json.dumps({"outputs": [[1.0]]}).encode()),
+    ("two rows", json.dumps({"outputs": [[0.1] * 10, [0.1] * 10]}).encode()),
+    ("strings", json.dumps({"outputs": [["0.1"] * 10]}).encode()),
+    ("booleans", json.dumps({"outputs": [[True] + [False] * 9]}).encode()),
+    ("not an object", b"[1, 2, 3]"),
+    ("large answer", b'{"outputs": [[' + b" " * (3 << 20) + b"0.9" + b",0.0111111111" * 9 + b"]]}"),
+])
+def test_impossible_or_hostile_answers_are_offline(models, digit, what, body):
+    with FakeServer(answer(body)) as url:
+        r = CliRunner().invoke(main, ["classify", str(digit[0]), "--models", str(models), "--bits", "4", "--threshold",
+                                      "1", "--server", url, "--json"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, (what, r.output[-2000:])
+    a = json.loads(r.output)
+    assert a["decision"] == "offline" and a["offline_reason"].startswith("unusable server response"), (what, a)
+    assert a["label"] == a["local_label"] and a["server_probs"] is None
+
+
+def test_a_valid_answer_from_the_fake_server_is_accepted(models, digit):
+    """The checks above refuse nonsense, not answers: the same fake server with good probabilities is used."""
+    with FakeServer(answer(VALID)) as url:
+        a = json.loads(classify(digit[0], "--models", models, "--bits", "4", "--threshold", "1", "--server", url,
+                                "--json").output)
+    assert a["decision"] == "server" and a["label"] == "0" and abs(a["confidence"] - 0.9) < 1e-9
+
+
+def test_a_huge_answer_is_not_read(models, digit):
+    import psutil
+
+    def huge(head, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200000000\r\n\r\n{\"outputs\":[[")
+        try:
+            for _ in range(200):
+                conn.sendall(b"0," * 500_000)
+        except OSError:
+            pass
+
+    rss0 = psutil.Process().memory_info().rss
+    with FakeServer(huge) as url:
+        rt = DeviceRuntime(models, url, timeout_s=30)
+        a = rt.classify(digit[1], (4, 4), threshold=1.0)
+    assert a.decision == "offline" and "limit" in a.offline_reason
+    assert psutil.Process().memory_info().rss - rss0 < 100 << 20
+
+
+def test_a_poisoned_front_end_is_never_cached(server, models, digit, exported):
+    """The server's sha256 header and entry agree with the bytes, but the bytes are not a front end (junk, or a
+    backend): refused, nothing cached, and the next run with an honest server works."""
+    import hashlib
+
+    real_entry = next(f for f in exported[1]["files"] if f["path"] == "front_4_exit3.tflite")
+    for content in (b"junk" * 100, (exported[0] / "backend_4_split3.tflite").read_bytes()):
+        digest = hashlib.sha256(content).hexdigest()
+        entry = {**real_entry, "bits": {"w": 2, "a": 4, "name": "w2a4"}, "sha256": digest, "path": "front_w2a4_exit3.tflite"}
+
+        def poisoned(head, conn, entry=entry, content=content, digest=digest):
+            body = json.dumps(entry).encode() if ".json " in head.split("\r\n")[0] else content
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nX-Sha256: {digest}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+
+        with FakeServer(poisoned) as url:
+            r = CliRunner().invoke(main, ["classify", str(digit[0]), "--models", str(models), "--bits", "2/4",
+                                          "--server", url])
+        assert r.exit_code == 1 and "Traceback" not in r.output and ("not a valid TFLite model" in r.output or
+                                                                      "expected one input 'image'" in r.output), r.output
+        assert not list((models / ".device-cache").glob("*")) if (models / ".device-cache").exists() else True
+    a = json.loads(classify(digit[0], "--models", models, "--bits", "2/4", "--server", server[0], "--json").output)
+    assert a["bits"] == "w2a4"
+    # a cache entry that went bad on disk is removed and fetched again, not a crash on every run
+    cached = models / ".device-cache" / "w2a4_exit3.tflite"
+    cached.write_bytes(b"junk")
+    b = json.loads(classify(digit[0], "--models", models, "--bits", "2/4", "--server", server[0], "--json").output)
+    assert b["exit_probs"] == a["exit_probs"] and cached.read_bytes() != b"junk"

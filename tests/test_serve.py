@@ -92,7 +92,7 @@ def test_predict_parity_with_the_backend_in_every_wire_format(server, exported, 
 
 
 def test_concurrent_requests_are_batched(exported, features4):
-    with extra_server(exported, max_delay_ms=200) as (url, app):
+    with extra_server(exported, max_delay_ms=200, batch_idle_ms=200) as (url, app):
         direct = app.state.store.backends[MODEL].predict(features4[:16])
         results, barrier = {}, threading.Barrier(16)
 
@@ -111,7 +111,7 @@ def test_concurrent_requests_are_batched(exported, features4):
 
 
 def test_overload_answers_503_and_timeout_504(exported, features4):
-    with extra_server(exported, max_batch=64, max_queue=64, max_delay_ms=1500) as (url, _):
+    with extra_server(exported, max_batch=64, max_queue=64, max_delay_ms=1500, batch_idle_ms=1500) as (url, _):
         first = {}
         t = threading.Thread(target=lambda: first.update(r=httpx.post(url + PREDICT, json={"inputs": features4[:40].tolist()},
                                                                        timeout=10)))
@@ -122,7 +122,7 @@ def test_overload_answers_503_and_timeout_504(exported, features4):
         assert r.status_code == 503 and r.json()["code"] == "overloaded" and r.headers["retry-after"] == "1"
         t.join()
         assert first["r"].status_code == 200 and len(first["r"].json()["outputs"]) == 40
-    with extra_server(exported, max_delay_ms=1000, request_timeout_s=0.2) as (url, _):
+    with extra_server(exported, max_delay_ms=1000, batch_idle_ms=1000, request_timeout_s=0.2) as (url, _):
         r = httpx.post(url + PREDICT, json={"inputs": features4[:1].tolist()})
         assert r.status_code == 504 and "no answer within 0.2 s" in r.json()["error"]
 
@@ -195,6 +195,27 @@ def _corpus(shape, scale, zp):
         ("unknown family", "GET", "/v1/frontends/resnet/w4a4/exit3.tflite", None, 404, "unknown model family"),
         ("unknown exit", "GET", "/v1/frontends/svhn_cnn/w4a4/exit9.tflite", None, 404, "exit 9 does not exist"),
         ("bad front-end file", "GET", "/v1/frontends/svhn_cnn/w4a4/exit3.exe", None, 404, "bad front-end file"),
+        # inputs that used to answer 500 (and close the connection)
+        ("JSON nested 1000 deep", "POST", P, b'{"inputs":' + b"[" * 1000 + b"]" * 1000 + b"}", 400, "nested too deep"),
+        ("JSON nested 100000 deep", "POST", P, b'{"inputs":' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "not valid JSON"),
+        ("JSON nested 900 deep", "POST", P, b'{"inputs":' + b"[" * 900 + b"0" + b"]" * 900 + b"}", 400, ""),
+        ("deep tensor object", "POST", P, b'{"inputs":{"values":' + b"[" * 500 + b"]" * 500 + b',"dtype":"int8"}}', 400, ""),
+        ("dtype is a list", "POST", P, {"inputs": {**int8, "dtype": ["int8"]}}, 400, "unsupported dtype"),
+        ("dtype is an object", "POST", P, {"inputs": {**int8, "dtype": {"a": 1}}}, 400, "unsupported dtype"),
+        ("huge integer scale", "POST", P, b'{"inputs":{"values":[[0]],"dtype":"int8","zero_point":0,"scale":'
+         + b"9" * 400 + b"}}", 400, "not valid JSON"),
+        ("64-bit integer scale", "POST", P, {"inputs": {**int8, "scale": 2 ** 63 - 1}}, 400, "differs from the manifest"),
+        ("huge float", "POST", P, b'{"inputs":[[1e999999]]}', 400, ""),
+        ("huge zero point", "POST", P, {"inputs": {**int8, "zero_point": 2 ** 63 - 1}}, 400, "differs from the manifest"),
+        ("non-ASCII digit in exit", "GET", "/v1/frontends/svhn_cnn/w4a4/exit\u00b2.tflite", None, 404, "bad front-end file"),
+        ("Arabic digit in exit", "GET", "/v1/frontends/svhn_cnn/w4a4/exit\u0663.json", None, 404, "bad front-end file"),
+        ("non-ASCII digit in bits", "GET", "/v1/frontends/svhn_cnn/w\u0664a4/exit3.json", None, 404, "bad bitwidth"),
+        ("packed bits out of range", "POST", P, {"inputs": {**b64(4, shape=[1, *shape]), "dtype": "int8", "bits": 9,
+                                                           "scale": scale, "zero_point": zp}}, 400, "'bits' must be"),
+        ("packed byte count", "POST", P, {"inputs": {**b64(3, shape=[1, *shape]), "dtype": "int8", "bits": 2,
+                                                    "scale": scale, "zero_point": zp}}, 400, "packed codes hold"),
+        ("packed floats", "POST", P, {"inputs": {**b64(4 * n, shape=[1, *shape]), "bits": 2}}, 400, "applies to int8"),
+        ("trailing slash", "GET", "/healthz/", None, 404, "no such endpoint"),
     ]
 
 
@@ -206,16 +227,14 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_working(server, spec4
     url, _ = server
     name, method, path, body, status, text = _corpus(spec4.shape, spec4.scale, spec4.zero_point)[case]
     kw = {} if body is None else {"json": body} if isinstance(body, (dict, list)) else {"content": body}
-    r = httpx.request(method, url + path, timeout=120, **kw)
-    assert r.status_code == status, (name, r.text)
-    err = r.json()
-    assert err["status"] == status and text in err["error"], (name, err)
-    ok = httpx.post(url + PREDICT, content=encode_request(features4[:2], spec4))
-    assert ok.status_code == 200 and len(ok.json()["outputs"]) == 2
-
-
-def test_corpus_is_large_enough():
-    assert CORPUS_SIZE >= 30
+    with httpx.Client(timeout=120) as client:  # one keep-alive connection: an error must not close it
+        r = client.request(method, url + path, headers={"Host": "evil.example"}, **kw)
+        assert r.status_code == status, (name, r.text[:300])
+        err = r.json()
+        assert err["status"] == status and text in err["error"], (name, err)
+        assert "location" not in r.headers and "evil.example" not in r.text
+        ok = client.post(url + PREDICT, content=encode_request(features4[:2], spec4))
+        assert ok.status_code == 200 and len(ok.json()["outputs"]) == 2
 
 
 def test_unparseable_http_gets_a_json_400(server):
@@ -281,3 +300,242 @@ def test_token_rule(exported, features4, spec4):
         assert httpx.get(url + "/manifest.json").status_code == 401
         r = httpx.post(url + PREDICT, content=body, headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200
+
+
+# -- a hostile network ----------------------------------------------------------------------------------
+def _hostport(url):
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _responses(raw: bytes) -> list[tuple[int, dict]]:
+    """Split the bytes of pipelined HTTP/1.1 responses (with Content-Length) into (status, JSON body)."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        length = next(int(v) for k, _, v in (h.partition(": ") for h in lines[1:]) if k.lower() == "content-length")
+        out.append((int(lines[0].split()[1]), json.loads(rest[:length])))
+        raw = rest[length:]
+    return out
+
+
+def _read_until_closed(s, limit_s: float) -> bytes:
+    s.settimeout(limit_s)
+    raw = b""
+    try:
+        while chunk := s.recv(65536):
+            raw += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return raw
+
+
+def test_huge_header_gets_431_and_a_closed_connection_while_health_stays_fast(exported):
+    import time
+
+    with extra_server(exported) as (url, _):
+        with socket.create_connection(_hostport(url), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            t0, sent, closed = time.monotonic(), 0, False
+            try:
+                while sent < 64 << 20 and time.monotonic() - t0 < 20:
+                    s.sendall(b"a" * (256 << 10))
+                    sent += 256 << 10
+                    t1 = time.monotonic()
+                    assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+                    assert time.monotonic() - t1 < 2, "a huge header stalls /healthz for everyone"
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            raw = _read_until_closed(s, 5)
+        assert closed or raw, "the server kept reading a header of 64 MB"
+        assert sent <= 4 << 20, f"{sent} header bytes were accepted before the server answered"
+        if raw:
+            assert raw.startswith(b"HTTP/1.1 431") and json.loads(raw.partition(b"\r\n\r\n")[2])["code"] == "headers_too_large"
+        # a header just under the limit is fine
+        r = httpx.get(url + "/healthz", headers={"X-Ok": "a" * 60_000})
+        assert r.status_code == 200
+
+
+def test_idle_and_half_header_connections_are_closed(exported):
+    import time
+
+    with extra_server(exported, head_timeout_s=1.0) as (url, _):
+        idle = socket.create_connection(_hostport(url), timeout=5)
+        half = socket.create_connection(_hostport(url), timeout=5)
+        half.sendall(b"POST /v1/models/x:predict HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        for s in (idle, half):
+            raw = _read_until_closed(s, 6)
+            assert raw.startswith(b"HTTP/1.1 408") and b"header_timeout" in raw
+            s.close()
+        assert time.monotonic() - t0 < 4
+        # keep-alive between requests is still uvicorn's (5 s), a normal request is unaffected
+        assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_errors_keep_the_connection_and_pipelined_requests_answered(exported, features4, spec4, caplog):
+    """A 400 for hostile JSON and a 500 from a failing backend both leave the keep-alive connection open: the
+    valid request pipelined behind each gets its answer, and the log gets one line, no traceback."""
+    import logging
+
+    with extra_server(exported) as (url, app):
+        good = encode_request(features4[:1], spec4)
+        deep = b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+        def req(body):
+            return (f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+        with socket.create_connection(_hostport(url), timeout=10) as s:
+            s.sendall(req(deep) + req(good))
+            raw = b""
+            while raw.count(b"HTTP/1.1 ") < 2 or not raw.rstrip().endswith(b"}"):
+                raw += s.recv(65536)
+        (st1, b1), (st2, b2) = _responses(raw)
+        assert st1 == 400 and b1["code"] == "invalid_json" and st2 == 200 and len(b2["outputs"]) == 1
+
+        backend = app.state.store.backends[MODEL]
+
+        def broken(x):
+            raise RuntimeError("backend exploded")
+
+        real, backend.predict = backend.predict, broken
+        app.state.batchers.clear()
+        try:
+            with caplog.at_level(logging.ERROR, logger="tfbitmeta.serve"), \
+                    socket.create_connection(_hostport(url), timeout=10) as s:
+                s.sendall(req(good))
+                raw = b""
+                while b"}" not in raw:
+                    raw += s.recv(65536)
+                backend.predict = real
+                app.state.batchers.clear()
+                s.sendall(req(good))
+                while raw.count(b"HTTP/1.1 ") < 2 or not raw.rstrip().endswith(b"}"):
+                    raw += s.recv(65536)
+        finally:
+            backend.predict = real
+            app.state.batchers.clear()
+        (st1, b1), (st2, b2) = _responses(raw)
+        assert st1 == 500 and b1["code"] == "internal" and st2 == 200
+        assert any("RuntimeError: backend exploded" in r.getMessage() for r in caplog.records)
+        assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+
+
+def test_on_demand_backend_survives_a_restart_and_bad_cache_is_cleaned(server, exported, tiny_run, tmp_path, features4):
+    """Front ends converted before a restart keep their backend; partial folders of dead conversions, bitwidths
+    whose manifest was cut short and files failing their sha256 are removed at start, then converted again."""
+    import os
+    import shutil
+
+    url, app = server
+    route = f"{url}/v1/frontends/svhn_cnn/w4a8/exit3"
+    assert httpx.get(route + ".json", timeout=300).status_code == 200
+    cache = tmp_path / "cache"
+    shutil.copytree(app.state.config.cache, cache, ignore=shutil.ignore_patterns(".partial-*", "*.lock"))
+    shape = exported[1]["input"]["shape"][1:]
+    feats = run_tflite(cache / "w4a8" / "front_w4a8_exit3.tflite", np.zeros((2, *shape), np.float32))["features"]
+    dead = cache / ".partial-999999999-w2a2-xyz"
+    dead.mkdir()
+    (dead / "manifest.json").write_text("{")
+    mine = cache / f".partial-{os.getpid()}-w8a8-xyz"  # a live process's conversion is left alone
+    mine.mkdir()
+    with extra_server(exported, run=tiny_run, cache=cache) as (url2, _):
+        p = httpx.post(f"{url2}/v1/models/backend_w4a8_split3:predict", json={"inputs": feats.tolist()})
+        assert p.status_code == 200, p.text
+        assert len(p.json()["outputs"]) == 2
+        assert not dead.exists() and mine.exists()
+    # a crash mid-write of the manifest and a corrupted front end: both bitwidths are dropped at start
+    m = cache / "w4a8" / "manifest.json"
+    m.write_bytes(m.read_bytes()[: len(m.read_bytes()) // 2])
+    with extra_server(exported, run=tiny_run, cache=cache) as (url2, _):
+        assert not (cache / "w4a8").exists()
+        assert httpx.post(f"{url2}/v1/models/backend_w4a8_split3:predict", json={"inputs": feats.tolist()}).status_code == 404
+        r = httpx.get(f"{url2}/v1/frontends/svhn_cnn/w4a8/exit3.tflite", timeout=300)
+        assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == r.headers["x-sha256"]
+        assert json.loads(m.read_text())["files"]
+    f = cache / "w4a8" / "front_w4a8_exit3.tflite"
+    f.write_bytes(b"junk" + f.read_bytes())
+    with extra_server(exported, run=tiny_run, cache=cache) as (url2, _):
+        r = httpx.get(f"{url2}/v1/frontends/svhn_cnn/w4a8/exit3.tflite", timeout=300)
+        assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == r.headers["x-sha256"]
+        assert not r.content.startswith(b"junk")
+
+
+def test_failed_conversion_is_remembered_and_waiting_is_bounded(tiny_run, tmp_path):
+    import time
+
+    from tfbitmeta.errors import TfbitmetaError
+    from tfbitmeta.serve import frontends
+    from tfbitmeta.serve.errors import ApiError
+
+    cache = frontends.FrontendCache(tiny_run, tmp_path / "c")
+    calls = []
+
+    def failing(cfg, folder):
+        calls.append(cfg)
+        time.sleep(0.2)
+        raise ApiError(400, "unsupported_bitwidth", "bitwidth w2a4 cannot be exported: because")
+
+    cache._convert = failing
+    for _ in range(3):
+        with pytest.raises(ApiError, match="cannot be exported"):
+            cache.get(cache.family, (2, 4), 3)
+    assert len(calls) == 1, "a failed conversion was retried in full"
+    cache._waiting = frontends.MAX_WAITING
+    with pytest.raises(ApiError) as e:
+        cache.get(cache.family, (4, 4), 3)
+    assert e.value.status == 503 and e.value.headers["Retry-After"]
+    with pytest.raises(TfbitmetaError):
+        raise TfbitmetaError("x")  # the module's error type stays importable for callers
+
+
+def test_token_must_be_sendable_and_health_hides_details(exported):
+    for bad_token in (" " + "k" * 20, "k" * 20 + " ", "tøken-" + "k" * 20, "tok en" + "k" * 20):
+        with pytest.raises(Exception, match="may only contain"):
+            ServeConfig(models=exported[0], token=bad_token).check_security()
+    token = "Ab0-._~+/" + "k" * 20 + "=="
+    ServeConfig(models=exported[0], token=token).check_security()
+    with extra_server(exported, token=token) as (url, _):
+        assert httpx.get(url + "/healthz").json() == {"status": "ok"}
+        assert httpx.get(url + "/healthz", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+        full = httpx.get(url + "/healthz", headers={"Authorization": f"Bearer {token}"}).json()
+        assert MODEL in full["models"] and "backend_calls" in full
+
+
+def test_large_bodies_are_parsed_off_the_event_loop(exported, features4, monkeypatch):
+    from tfbitmeta.serve import app as app_module
+
+    threads = []
+    real = app_module.parse_request
+
+    def spy(body, spec, *a):
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        threads.append((len(body), on_loop))
+        return real(body, spec, *a)
+
+    monkeypatch.setattr(app_module, "parse_request", spy)
+    with extra_server(exported, max_body_bytes=8 << 20) as (url, _):
+        big = json.dumps({"instances": [f.tolist() for f in np.repeat(features4, 4, axis=0)]})
+        assert len(big) > app_module.INLINE_PARSE_BYTES
+        assert httpx.post(url + PREDICT, content=big, timeout=60).status_code == 200
+        assert httpx.post(url + PREDICT, json={"inputs": features4[:1].tolist()}).status_code == 200
+    (big_n, big_on_loop), (small_n, small_on_loop) = threads
+    assert big_n > small_n and not big_on_loop and small_on_loop
+
+
+def test_mixed_bitwidth_that_cannot_export_is_a_400_with_the_reason(server):
+    """w2afp is in the candidate set; if the exporter refuses it the answer says why (400), not 'unknown' (404)."""
+    url, _ = server
+    r = httpx.get(f"{url}/v1/frontends/svhn_cnn/w2afp/exit3.json", timeout=300)
+    if r.status_code == 200:  # the exporter handles it: its backend must then be served too
+        assert r.json()["bits"]["name"] == "w2afp"
+        return
+    assert r.status_code == 400 and r.json()["code"] == "unsupported_bitwidth" and "w2afp" in r.json()["error"]

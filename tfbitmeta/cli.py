@@ -10,6 +10,7 @@ Commands:
 * ``serve``          -- the fallback inference server (TF Serving's REST shape) for exported backends.
 * ``classify``       -- the device runtime on one image: early exit, else ask the server.
 * ``android-assets`` -- copy exported front ends and sample images into the Android demo's assets.
+* ``android-apk``    -- build the signed Android demo APK with the exported models inside (android_demo/build-apk.sh).
 
 TensorFlow is imported inside the commands, so ``tfbitmeta --help`` is instant (a command's ``--help`` imports
 the registries its options list).  User errors print one line and exit 1; the option lists (methods, schemes,
@@ -393,27 +394,37 @@ def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds,
 @click.option("--port", type=click.IntRange(0, 65535), default=8500, show_default=True)
 @click.option("--token", envvar="TFBITMETA_TOKEN", default=None, help="bearer token (or TFBITMETA_TOKEN)")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--max-delay-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True)
+@click.option("--max-delay-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
+              help="longest wait of a batch's first request for company")
+@click.option("--batch-idle-ms", type=click.FloatRange(0, 1000), default=0.3, show_default=True,
+              help="a batch closes when no request arrived for this long")
 @click.option("--max-body-bytes", type=click.IntRange(1024), default=4 << 20, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="seconds per prediction (queue + backend)")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=None,
+              help="also serve TF Serving's gRPC PredictionService on this port (e.g. 8501)")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="server processes sharing the port(s); each loads the backends")
+@click.option("--floor-endpoint", is_flag=True, hidden=True, help="POST /v1/floor returns a constant (load benchmark)")
 @user_errors
-def serve(models, run, host, port, token, max_batch, max_delay_ms, max_body_bytes, timeout_s):
-    """Fallback inference server (TF Serving REST shape) for the exported backends."""
+def serve(models, run, host, port, token, max_batch, max_delay_ms, batch_idle_ms, max_body_bytes, timeout_s, grpc_port,
+          workers, floor_endpoint):
+    """Fallback inference server (TF Serving REST and gRPC shape) for the exported backends."""
     from tfbitmeta.serve.config import ServeConfig
 
     cfg = ServeConfig(models=models, run=run, host=host, port=port, token=token, max_batch=max_batch,
-                      max_delay_ms=max_delay_ms, max_queue=max(4096, 4 * max_batch), max_body_bytes=max_body_bytes,
-                      request_timeout_s=timeout_s)
+                      max_delay_ms=max_delay_ms, batch_idle_ms=batch_idle_ms, max_queue=max(4096, 4 * max_batch),
+                      max_body_bytes=max_body_bytes,
+                      request_timeout_s=timeout_s, grpc_port=grpc_port, workers=workers, floor_endpoint=floor_endpoint)
     cfg.check_security()
-    import uvicorn
+    from tfbitmeta.serve.models import read_manifest
+    from tfbitmeta.serve.runner import serve_forever
 
-    from tfbitmeta.serve.app import create_app
-    from tfbitmeta.serve.runner import uvicorn_config
-
-    app = create_app(cfg)
-    click.echo(f"serving {len(app.state.store.backends)} backends from {models} on http://{host}:{port}", err=True)
-    uvicorn.Server(uvicorn_config(app, cfg, log_level="info")).run()
+    n = sum(f["kind"] == "backend" for f in read_manifest(cfg.models)["files"])  # a bad folder fails here, clearly
+    grpc = f" and gRPC on {host}:{grpc_port}" if grpc_port else ""
+    click.echo(f"serving {n} backends from {models} on http://{host}:{port}{grpc} ({workers} worker"
+               f"{'s' if workers > 1 else ''})", err=True)
+    serve_forever(cfg)
 
 
 @main.command()

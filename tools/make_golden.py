@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
                 x = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32).reshape(pixels[i].shape)
                 out = runner(image=x[None])
                 probs = out["exit_probs"][0]
-                req = rt.request_bytes(entry, out["features"])
+                req = rt.request_bytes(entry, out["features"], packed=False)  # the Android core sends int8 codes
                 resp = httpx.post(f"{url}/v1/models/{backend_name(entry)}:predict", content=req,
                                   headers={"Content-Type": "application/json"})
                 resp.raise_for_status()

@@ -1,22 +1,37 @@
 """Device runtime: choose a front end, verify it, run it, exit early when confident, else ask the server.
 
 The server being down, slow or answering nonsense never raises: the local (early-exit head) answer is returned,
-marked ``offline``.  Front ends fetched from the server for bitwidths the local manifest lacks are kept in
-``<models>/.device-cache/`` and verified against their sha256 on every load.
+marked ``offline``.  ``timeout_s`` is a deadline for the whole fallback call (connect, send, every byte of the
+answer); answers above ``MAX_RESPONSE_BYTES``, JSON nested too deep, and probabilities outside [0, 1] or not summing
+to 1 are refused.  Front ends fetched from the server for bitwidths the local manifest lacks are validated (sha256,
+then loaded: signature, tensors, bits and exit against the manifest entry) before they are written to
+``<models>/.device-cache/``, and verified again on every load; an entry that fails is removed, never used.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.quant.bitwidth import Config, bit_name, config_name
 from tfbitmeta.serve.payload import FeatureSpec, encode_request
+
+MAX_RESPONSE_BYTES = 1 << 20       # a predict answer is a few hundred bytes per class row
+MAX_FRONTEND_BYTES = 256 << 20
+PROB_TOLERANCE = 1e-3
+SUM_TOLERANCE = 0.05               # int8 softmax outputs have 1/256 steps: 10 classes sum to 1 +- ~0.02
+
+
+class ResponseTooLarge(ValueError):
+    pass
 
 
 @dataclasses.dataclass
@@ -45,8 +60,10 @@ def feature_spec(entry: dict) -> FeatureSpec:
     """What the server expects for a front end's features (its quantization, if any)."""
     t = next(t for t in entry["outputs"] if t["name"] == "features")
     q = t["quantization"]
+    a = entry["bits"]["a"]
     return FeatureSpec(name="features", shape=tuple(t["shape"][1:]), signature=entry["signature"],
-                       scale=q and q["scale"], zero_point=q and q["zero_point"], qdtype=q and q["dtype"])
+                       scale=q and q["scale"], zero_point=q and q["zero_point"], qdtype=q and q["dtype"],
+                       code_bits=a if q and a < 8 else None)
 
 
 def backend_name(entry: dict) -> str:
@@ -92,7 +109,15 @@ class DeviceRuntime:
         name = f"w{bit_name(bits[0])}a{bit_name(bits[1])}"
         meta, path = self.cache / f"{name}_exit{exit_}.json", self.cache / f"{name}_exit{exit_}.tflite"
         if meta.is_file() and path.is_file():
-            return json.loads(meta.read_text()), path
+            try:
+                entry = json.loads(meta.read_text())
+                self.validate_front_end(entry, path.read_bytes(), bits, exit_)
+                return entry, path
+            except (TfbitmetaError, OSError, ValueError) as e:
+                meta.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+                if not self.server:
+                    raise TfbitmetaError(f"cached front end {path} was removed: {e}") from None
         have = ", ".join(sorted({config_name((f["bits"]["w"], f["bits"]["a"])) for f in self.fronts()}))
         if not self.server:
             raise TfbitmetaError(f"no front end for {config_name(bits)} in {self.models} (have {have}); "
@@ -101,22 +126,56 @@ class DeviceRuntime:
 
         url = f"{self.server}/v1/frontends/{self.manifest['model']['family']}/{name}/exit{exit_}"
         try:
-            entry = httpx.get(url + ".json", headers=self.headers, timeout=600).raise_for_status().json()
-            resp = httpx.get(url + ".tflite", headers=self.headers, timeout=600).raise_for_status()
-        except httpx.HTTPStatusError as e:
-            raise TfbitmetaError(f"server cannot provide {config_name(bits)}: {_server_message(e.response)}") from None
+            with httpx.Client(headers=self.headers, timeout=600) as client:
+                entry = orjson.loads(_read_capped(client, url + ".json", 1 << 20)[1])
+                headers, content = _read_capped(client, url + ".tflite", MAX_FRONTEND_BYTES)
+        except ServerRefused as e:
+            raise TfbitmetaError(f"server cannot provide {config_name(bits)}: {e}") from None
         except httpx.HTTPError as e:
             raise TfbitmetaError(f"no front end for {config_name(bits)} locally (have {have}) and the server is "
                                  f"unreachable: {e}") from None
         except ValueError as e:
-            raise TfbitmetaError(f"unusable answer from {url}.json: {e}") from None
-        digest = hashlib.sha256(resp.content).hexdigest()
-        if not isinstance(entry, dict) or digest != entry.get("sha256") or digest != resp.headers.get("x-sha256"):
+            raise TfbitmetaError(f"unusable answer from {url}: {e}") from None
+        if not isinstance(entry, dict) or hashlib.sha256(content).hexdigest() != headers.get("x-sha256"):
             raise TfbitmetaError(f"front end fetched from {url}.tflite fails its sha256 check")
+        self.validate_front_end(entry, content, bits, exit_)
         self.cache.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(resp.content)
-        meta.write_text(json.dumps(entry))
+        for target, data in ((path, content), (meta, json.dumps(entry).encode())):  # the model first, its entry last
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
         return entry, path
+
+    def validate_front_end(self, entry, content: bytes, bits: Config, exit_: int) -> None:
+        """A front end is usable only if it matches its entry's sha256, is that bitwidth and exit, and loads with
+        the entry's signature: image in (the manifest's input shape), exit_probs (one per label) and the
+        entry's features out."""
+        what = f"front end {config_name(bits)} exit {exit_}"
+        try:
+            ok = (entry["kind"] == "front_end" and (entry["bits"]["w"], entry["bits"]["a"]) == tuple(bits)
+                  and entry["exit"] == exit_ and hashlib.sha256(content).hexdigest() == entry["sha256"])
+            feats = next(t for t in entry["outputs"] if t["name"] == "features")
+            feature_spec(entry)
+        except (KeyError, TypeError, StopIteration) as e:
+            raise TfbitmetaError(f"{what}: malformed manifest entry ({type(e).__name__}: {e})") from None
+        if not ok:
+            raise TfbitmetaError(f"{what}: the manifest entry does not match (bits, exit or sha256)")
+        import tensorflow as tf
+
+        try:
+            it = tf.lite.Interpreter(model_content=content, num_threads=1)
+            runner = it.get_signature_runner(entry["signature"])
+            ins, outs = runner.get_input_details(), runner.get_output_details()
+        except Exception as e:  # noqa: BLE001 - whatever the interpreter says, the file is not a usable model
+            raise TfbitmetaError(f"{what} is not a valid TFLite model: {str(e).splitlines()[0][:200]}") from None
+        want_in = list(self.manifest["input"]["shape"][1:])
+        if set(ins) != {"image"} or list(ins["image"]["shape"][1:]) != want_in:
+            raise TfbitmetaError(f"{what}: expected one input 'image' of shape [N, {want_in}], got {sorted(ins)}")
+        if set(outs) != {"exit_probs", "features"}:
+            raise TfbitmetaError(f"{what}: expected outputs exit_probs and features, got {sorted(outs)}")
+        if int(outs["exit_probs"]["shape"][-1]) != len(self.manifest["labels"]) or \
+                list(outs["features"]["shape"][1:]) != list(feats["shape"][1:]):
+            raise TfbitmetaError(f"{what}: output shapes do not match the manifest")
 
     @staticmethod
     def load(entry: dict, path: Path):
@@ -129,7 +188,10 @@ class DeviceRuntime:
             raise TfbitmetaError(f"cannot read front end {path}: {e.strerror}") from None
         if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
             raise TfbitmetaError(f"{path} fails its sha256 check against the manifest: refusing to load it")
-        return tf.lite.Interpreter(model_content=buf, num_threads=1).get_signature_runner(entry["signature"])
+        try:
+            return tf.lite.Interpreter(model_content=buf, num_threads=1).get_signature_runner(entry["signature"])
+        except Exception as e:  # noqa: BLE001
+            raise TfbitmetaError(f"{path} is not a loadable front end: {str(e).splitlines()[0][:200]}") from None
 
     # -- classifying ---------------------------------------------------------------------------------------
     def classify(self, pixels: np.ndarray, bits: Config | None = None, memory_budget: int | None = None,
@@ -155,8 +217,8 @@ class DeviceRuntime:
         answer.latency_ms = {k: round(v, 3) for k, v in answer.latency_ms.items()}
         return answer
 
-    def request_bytes(self, entry: dict, features: np.ndarray) -> bytes:
-        return encode_request(features, feature_spec(entry))
+    def request_bytes(self, entry: dict, features: np.ndarray, packed: bool = True) -> bytes:
+        return encode_request(features, feature_spec(entry), packed)
 
     def _fall_back(self, answer: Answer, entry: dict, features: np.ndarray) -> None:
         answer.decision = "offline"
@@ -167,23 +229,20 @@ class DeviceRuntime:
 
         t0 = time.perf_counter()
         try:
-            resp = httpx.post(f"{self.server}/v1/models/{backend_name(entry)}:predict",
-                              content=self.request_bytes(entry, features), timeout=self.timeout_s,
-                              headers={**self.headers, "Content-Type": "application/json"})
-            if resp.status_code != 200:
-                answer.offline_reason = f"server answered {resp.status_code}: {_server_message(resp)}"
+            status, body = asyncio.run(self._post(f"{self.server}/v1/models/{backend_name(entry)}:predict",
+                                                  self.request_bytes(entry, features)))
+            if status != 200:
+                answer.offline_reason = f"server answered {status}: {_error_message(body)}"
                 return
-            probs = np.asarray(resp.json()["outputs"], dtype=np.float64)[0]
-            if probs.shape != (len(self.manifest["labels"]),) or not np.all(np.isfinite(probs)):
-                raise ValueError(f"probabilities of shape {probs.shape}")
-        except httpx.TimeoutException:
+            probs = check_probabilities(orjson.loads(body), len(self.manifest["labels"]))
+        except (asyncio.TimeoutError, httpx.TimeoutException):
             answer.offline_reason = f"server did not answer within {self.timeout_s} s"
             return
         except httpx.HTTPError as e:
             answer.offline_reason = f"server unreachable: {type(e).__name__}: {e}"
             return
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            answer.offline_reason = f"unusable server response: {e}"
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
+            answer.offline_reason = f"unusable server response: {str(e)[:200]}"
             return
         finally:
             answer.latency_ms["server"] = 1e3 * (time.perf_counter() - t0)
@@ -192,9 +251,75 @@ class DeviceRuntime:
         answer.decision, answer.label, answer.confidence = "server", labels[k], float(probs[k])
         answer.server_label, answer.server_confidence, answer.server_probs = labels[k], float(probs[k]), probs.tolist()
 
+    async def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
+        """POST with one deadline for everything (a trickling server cannot stretch it) and a size cap."""
+        import httpx
 
-def _server_message(resp) -> str:
+        async def call():
+            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+                async with client.stream("POST", url, content=body,
+                                         headers={**self.headers, "Content-Type": "application/json"}) as resp:
+                    return resp.status_code, await _read_body(resp, MAX_RESPONSE_BYTES)
+
+        return await asyncio.wait_for(call(), self.timeout_s)
+
+
+def check_probabilities(answer, classes: int) -> np.ndarray:
+    """``{"outputs": [[p, ...]]}`` -> the row; ValueError unless it has one probability per class, each in [0, 1],
+    summing to 1."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("outputs"), list) or len(answer["outputs"]) != 1:
+        raise ValueError("expected {\"outputs\": [[one probability per class]]}")
+    row = answer["outputs"][0]
+    if not isinstance(row, list) or len(row) != classes or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
+        raise ValueError(f"expected {classes} probabilities")
+    probs = np.asarray(row, dtype=np.float64)
+    if not np.all(np.isfinite(probs)) or probs.min() < -PROB_TOLERANCE or probs.max() > 1 + PROB_TOLERANCE:
+        raise ValueError("probabilities outside [0, 1]")
+    if abs(probs.sum() - 1) > SUM_TOLERANCE:
+        raise ValueError(f"probabilities sum to {probs.sum():.4g}, not 1")
+    return np.clip(probs, 0, 1)
+
+
+async def _read_body(resp, cap: int) -> bytes:
+    length = resp.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise ResponseTooLarge(f"answer of {length} bytes exceeds the {cap}-byte limit")
+    chunks, n = [], 0
+    async for chunk in resp.aiter_bytes():
+        n += len(chunk)
+        if n > cap:
+            raise ResponseTooLarge(f"answer exceeds the {cap}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ServerRefused(Exception):
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"server answered {status}: {_error_message(body)}")
+
+
+def _read_capped(client, url: str, cap: int) -> tuple[dict, bytes]:
+    with client.stream("GET", url) as resp:
+        length = resp.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise ResponseTooLarge(f"{url}: {length} bytes exceed the {cap}-byte limit")
+        chunks, n = [], 0
+        for chunk in resp.iter_bytes():
+            n += len(chunk)
+            if n > cap:
+                raise ResponseTooLarge(f"{url}: more than {cap} bytes")
+            chunks.append(chunk)
+        if resp.status_code != 200:
+            raise ServerRefused(resp.status_code, b"".join(chunks))
+        return dict(resp.headers), b"".join(chunks)
+
+
+def _error_message(body: bytes) -> str:
     try:
-        return str(resp.json()["error"])
+        return str(orjson.loads(body)["error"])[:200]
     except (ValueError, KeyError, TypeError):
-        return resp.text[:200]
+        return body[:200].decode(errors="replace")
+
+
+

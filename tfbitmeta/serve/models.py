@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -11,9 +12,7 @@ import numpy as np
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.serve.payload import FeatureSpec
 
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+log = logging.getLogger("tfbitmeta.serve")
 
 
 def read_manifest(folder: Path) -> dict:
@@ -37,9 +36,10 @@ def feature_spec(manifest: dict, backend: dict) -> FeatureSpec:
     for f in manifest["files"]:
         if f["kind"] == "front_end" and f["bits"]["name"] == backend["bits"]["name"] and f["split"] == backend["split"]:
             quant = next((t["quantization"] for t in f["outputs"] if t["name"] == inp["name"]), None)
+    a = backend["bits"]["a"]
     return FeatureSpec(name=inp["name"], shape=tuple(int(d) for d in inp["shape"][1:]), signature=backend["signature"],
                        scale=quant and quant["scale"], zero_point=quant and quant["zero_point"],
-                       qdtype=quant and quant["dtype"])
+                       qdtype=quant and quant["dtype"], code_bits=a if quant and a < 8 else None)
 
 
 class Backend:
@@ -79,19 +79,50 @@ class Backend:
         return np.concatenate(out)
 
 
-class ModelStore:
-    """Backends by name (the file stem, e.g. ``backend_4_split3``), from the served manifest and from on-demand
-    conversions added later."""
+def model_name(entry: dict) -> str:
+    """The name a backend is served under: its file stem (``backend_4_split3``)."""
+    return Path(entry["path"]).stem
 
-    def __init__(self, folder: Path, max_batch: int):
-        self.folder, self.max_batch = Path(folder), max_batch
+
+class ModelStore:
+    """Backends by name, from the served manifest and from the on-demand cache: every finished cache folder is
+    loaded at start (so front ends converted before a restart keep their backend) and the cache is looked at
+    again when an unknown name is asked for (another worker process may have converted it)."""
+
+    RESCAN_S = 1.0
+
+    def __init__(self, folder: Path, max_batch: int, cache=None):
+        self.folder, self.max_batch, self.cache = Path(folder), max_batch, cache
         self.manifest = read_manifest(self.folder)
         self.backends: dict[str, Backend] = {}
         self.files = {f["path"]: f for f in self.manifest["files"]}
+        self._lock, self._scanned = threading.Lock(), 0.0
         self.add(self.folder, self.manifest)
+        self.rescan(force=True)
 
     def add(self, folder: Path, manifest: dict) -> None:
-        for f in manifest["files"]:
-            name = Path(f["path"]).stem
-            if f["kind"] == "backend" and name not in self.backends:
-                self.backends[name] = Backend(name, Path(folder) / f["path"], f, feature_spec(manifest, f), self.max_batch)
+        with self._lock:
+            for f in manifest["files"]:
+                name = model_name(f)
+                if f["kind"] == "backend" and name not in self.backends:
+                    self.backends[name] = Backend(name, Path(folder) / f["path"], f, feature_spec(manifest, f),
+                                                  self.max_batch)
+
+    def rescan(self, force: bool = False) -> None:
+        """Load the backends of cache folders not loaded yet (at most once per RESCAN_S unless forced)."""
+        import time
+
+        if self.cache is None or (not force and time.monotonic() - self._scanned < self.RESCAN_S):
+            return
+        self._scanned = time.monotonic()
+        for folder, manifest in self.cache.manifests():
+            if any(f["kind"] == "backend" and model_name(f) not in self.backends for f in manifest.get("files", [])):
+                try:
+                    self.add(folder, manifest)
+                except (TfbitmetaError, KeyError, ValueError) as e:
+                    log.warning("skipping cached backends in %s: %s", folder, e)
+
+    def get(self, name: str) -> Backend | None:
+        if name not in self.backends:
+            self.rescan()
+        return self.backends.get(name)

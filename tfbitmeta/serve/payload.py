@@ -5,6 +5,9 @@ or ``{"instances": [T, ...]}`` (one T of shape ``feature_shape`` per row); T may
 ``{"features": T}``.  A tensor T is one of
 * a nested list of numbers: float32 features;
 * ``{"b64": base64 of the little-endian bytes, "dtype": "float32" | "int8" | "uint8", "shape": [...]}``;
+* ``{"b64": ..., "dtype": "int8" | "uint8", "shape": [...], "bits": k}``: k-bit codes ``q - zero_point`` packed at k
+  bits per value (value i in bits i*k .. i*k+k-1 of the byte stream, least significant bit first), so an a-bit front
+  end sends a/8 of the int8 bytes (see docs/serving.md);
 * ``{"values": nested list, "dtype": ..., "shape": [...] (optional)}``;
 integer dtypes carry the quantization of the front end's feature tensor, ``"scale"`` and ``"zero_point"``, which must
 equal the manifest's; the server dequantizes ``(q - zero_point) * scale``.
@@ -19,6 +22,7 @@ import json
 import math
 
 import numpy as np
+import orjson
 
 from tfbitmeta.serve.errors import ApiError
 
@@ -36,6 +40,7 @@ class FeatureSpec:
     scale: float | None = None
     zero_point: int | None = None
     qdtype: str | None = None
+    code_bits: int | None = None      # the front end's activation bits below 8: its codes fit in k bits
 
 
 def bad(message: str, code: str = "invalid_request") -> ApiError:
@@ -43,11 +48,23 @@ def bad(message: str, code: str = "invalid_request") -> ApiError:
 
 
 def parse_request(body: bytes, spec: FeatureSpec, max_rows: int = MAX_ROWS) -> tuple[np.ndarray, str]:
-    """JSON body -> (float32 features of shape [N, *spec.shape], "inputs" | "instances"); ApiError 400 otherwise."""
+    """JSON body -> (float32 features of shape [N, *spec.shape], "inputs" | "instances"); ApiError 400 otherwise.
+
+    orjson refuses NaN/Infinity literals, integers beyond 64 bits and nesting deeper than 1024 levels (so no
+    RecursionError); anything the checks below did not foresee is still the client's input, hence 400, not 500."""
     try:
-        req = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         raise bad(f"body is not valid JSON: {e}", "invalid_json") from None
+    try:
+        return _parse(req, spec, max_rows)
+    except ApiError:
+        raise
+    except (RecursionError, OverflowError, TypeError, ValueError, KeyError, MemoryError) as e:
+        raise bad(f"cannot interpret the request ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _parse(req, spec: FeatureSpec, max_rows: int) -> tuple[np.ndarray, str]:
     if not isinstance(req, dict):
         raise bad("body must be a JSON object with 'instances' or 'inputs'")
     unknown = set(req) - {"signature_name", "instances", "inputs"}
@@ -72,10 +89,6 @@ def parse_request(body: bytes, spec: FeatureSpec, max_rows: int = MAX_ROWS) -> t
     if len(x) > max_rows:
         raise bad(f"{len(x)} rows exceed the {max_rows}-row limit per request", "too_many_rows")
     return x, kind
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed in JSON")
 
 
 def _unwrap(value, spec: FeatureSpec):
@@ -109,35 +122,54 @@ def _tensor(value, spec: FeatureSpec, batched: bool) -> np.ndarray:
     if dtype != spec.qdtype:
         raise bad(f"quantized features must be {spec.qdtype}, got {dtype}", "invalid_dtype")
     scale, zp = value.get("scale"), value.get("zero_point")
+    check_quantization(scale, zp, spec, dtype)
+    return dequantize(arr, spec)
+
+
+def check_quantization(scale, zp, spec: FeatureSpec, dtype: str) -> None:
     if not _number(scale) or not isinstance(zp, int) or isinstance(zp, bool):
         raise bad(f"{dtype} features need numeric 'scale' and integer 'zero_point'", "missing_field")
-    if not math.isclose(scale, spec.scale, rel_tol=1e-6) or zp != spec.zero_point:
-        raise bad(f"quantization (scale {scale}, zero_point {zp}) differs from the manifest's "
+    if not math.isclose(float(scale), spec.scale, rel_tol=1e-6) or zp != spec.zero_point:
+        raise bad(f"quantization (scale {str(scale)[:40]}, zero_point {str(zp)[:40]}) differs from the manifest's "
                   f"(scale {spec.scale}, zero_point {spec.zero_point})", "invalid_quantization")
-    return ((arr.astype(np.float32) - np.float32(zp)) * np.float32(spec.scale)).astype(np.float32)
+
+
+def dequantize(q: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    return ((q.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale)).astype(np.float32)
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _from_list(value: list) -> np.ndarray:
     try:
         arr = np.array(value)
     except (ValueError, TypeError):
-        raise bad("tensor is ragged: every row must have the same length", "invalid_shape") from None
+        raise bad("tensor is ragged or nested too deep: every row must have the same length", "invalid_shape") from None
     if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
         raise bad(f"tensor values must be numbers, got {arr.dtype.kind!r} values", "invalid_dtype")
     return arr
 
 
 def _from_object(obj: dict) -> tuple[np.ndarray, str]:
-    unknown = set(obj) - {"b64", "values", "dtype", "shape", "scale", "zero_point"}
+    unknown = set(obj) - {"b64", "values", "dtype", "shape", "scale", "zero_point", "bits"}
     if unknown:
-        raise bad(f"unknown tensor field(s) {sorted(unknown)}", "invalid_tensor")
+        raise bad(f"unknown tensor field(s) {sorted(unknown)[:10]}", "invalid_tensor")
     dtype = obj.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise bad(f"unsupported dtype {dtype!r}: use one of {sorted(DTYPES)}", "invalid_dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"unsupported dtype {str(dtype)[:40]!r}: use one of {sorted(DTYPES)}", "invalid_dtype")
+    bits = obj.get("bits")
+    if bits is not None:
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+            raise bad("'bits' must be an integer 1-8 (codes packed at k bits per value)", "invalid_bits")
+        if dtype == "float32" or "b64" not in obj:
+            raise bad("'bits' applies to int8/uint8 codes sent as 'b64'", "invalid_bits")
     shape = obj.get("shape")
     if shape is not None:
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
@@ -156,6 +188,8 @@ def _from_object(obj: dict) -> tuple[np.ndarray, str]:
         except (binascii.Error, ValueError):
             raise bad("'b64' is not valid base64", "invalid_base64") from None
         count = math.prod(shape)
+        if bits is not None:
+            return _unpack_values(raw, shape, bits, obj.get("zero_point"), dtype), dtype
         if len(raw) != count * DTYPES[dtype].itemsize:
             raise bad(f"'b64' holds {len(raw)} bytes but shape {shape} of {dtype} needs "
                       f"{count * DTYPES[dtype].itemsize}", "invalid_shape")
@@ -172,6 +206,42 @@ def _from_object(obj: dict) -> tuple[np.ndarray, str]:
     return arr, dtype
 
 
+def packed_bytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Unsigned codes < 2**bits -> ``bits`` bits per value, least significant bit first."""
+    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    planes = np.unpackbits(c[:, None], axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+# k in 1, 2, 4, 8 divides a byte: one table lookup per byte gives its 8/k codes
+_UNPACK = {k: ((np.arange(256)[:, None] >> (k * np.arange(8 // k))) & ((1 << k) - 1)).astype(np.int16)
+           for k in (1, 2, 4, 8)}
+
+
+def unpack_codes(raw: bytes, count: int, bits: int) -> np.ndarray:
+    if len(raw) != packed_bytes(count, bits):
+        raise bad(f"packed codes hold {len(raw)} bytes but {count} values at {bits} bits need "
+                  f"{packed_bytes(count, bits)}", "invalid_shape")
+    if bits in _UNPACK:
+        return _UNPACK[bits][np.frombuffer(raw, np.uint8)].reshape(-1)[:count]
+    planes = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:count * bits].reshape(count, bits)
+    return planes @ (1 << np.arange(bits, dtype=np.int16))
+
+
+def _unpack_values(raw: bytes, shape, bits: int, zp, dtype: str) -> np.ndarray:
+    if not isinstance(zp, int) or isinstance(zp, bool):
+        raise bad("packed codes need the integer 'zero_point'", "missing_field")
+    info = np.iinfo(DTYPES[dtype])
+    if not info.min <= zp <= info.max or zp + (1 << bits) - 1 > info.max:
+        raise bad(f"packed {bits}-bit codes + zero_point {str(zp)[:40]} leave the {dtype} range", "invalid_dtype")
+    q = unpack_codes(raw, math.prod(shape), bits) + np.int16(zp)
+    return q.astype(DTYPES[dtype]).reshape(shape)
+
+
 # -- the device side -----------------------------------------------------------------------------------
 def quantize(features: np.ndarray, scale: float, zero_point: int, dtype: str = "int8") -> np.ndarray:
     """Float features from a front end (already on its grid) -> the integer tensor the front end computed."""
@@ -179,15 +249,29 @@ def quantize(features: np.ndarray, scale: float, zero_point: int, dtype: str = "
     return np.clip(np.round(features / scale) + zero_point, info.min, info.max).astype(DTYPES[dtype])
 
 
-def encode_request(features: np.ndarray, spec: FeatureSpec) -> bytes:
+def encode_request(features: np.ndarray, spec: FeatureSpec, packed: bool = True) -> bytes:
     """The exact request bytes the device sends: quantized int tensor as base64 when the front end has a feature
-    quantization, float32 base64 otherwise; compact JSON with sorted keys (reproducible for golden tests)."""
+    quantization (its a-bit codes packed at a bits per value when ``packed`` and they fit), float32 base64
+    otherwise; compact JSON with sorted keys (reproducible for golden tests)."""
     if spec.qdtype is not None:
         q = quantize(features, spec.scale, spec.zero_point, spec.qdtype)
         tensor = {"b64": base64.b64encode(q.tobytes()).decode(), "dtype": spec.qdtype, "shape": list(q.shape),
                   "scale": spec.scale, "zero_point": spec.zero_point}
+        codes = q.astype(np.int32) - spec.zero_point
+        k = spec.code_bits
+        if packed and k and k < 8 and codes.min() >= 0 and codes.max() < (1 << k):
+            tensor.update(b64=base64.b64encode(pack_codes(codes, k)).decode(), bits=k)
     else:
         f = np.ascontiguousarray(features, dtype="<f4")
         tensor = {"b64": base64.b64encode(f.tobytes()).decode(), "dtype": "float32", "shape": list(f.shape)}
     body = {"signature_name": spec.signature, "inputs": {spec.name: tensor}}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def request_bytes_for(feature_elements: int, bits: int) -> int:
+    """Bytes of the request a device sends for one image's features at activation ``bits`` (32 = float)."""
+    quantized = bits < 32
+    spec = FeatureSpec("features", (feature_elements,), scale=1.0 if quantized else None,
+                       zero_point=-128 if quantized else None, qdtype="int8" if quantized else None,
+                       code_bits=bits if quantized and bits < 8 else None)
+    return len(encode_request(np.zeros((1, feature_elements), np.float32), spec))
