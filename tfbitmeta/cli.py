@@ -188,9 +188,13 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
               help="few-shot runs: test episodes per setting and bitwidth")
 @click.option("--setting", default="train", show_default=True,
               help="few-shot runs: 'train' (the trained N-way K-shot), 'all' (5w1s,5w5s,20w1s,20w5s) or a list")
+@click.option("--deployed/--no-deployed", default=True, show_default=True,
+              help="also convert each bitwidth and report what the integer TFLite files answer (integer-exact "
+                   "reference, whole test set) and the early-exit fraction / exit-or-continue accuracy")
 @user_errors
-def evaluate(run, bits, batch_size, out, as_json, episodes, setting):
-    """Evaluate a trained run at many bitwidths (table, results.json, accuracy_vs_bits.png)."""
+def evaluate(run, bits, batch_size, out, as_json, episodes, setting, deployed):
+    """Evaluate a trained run at many bitwidths: fake-quant and deployed (integer) accuracy side by side, early
+    exits at the validation-chosen threshold (table, results.json, accuracy_vs_bits.png)."""
     if is_fewshot_run(run):
         from tfbitmeta.meta.fewshot_eval import evaluate_run, format_rows
 
@@ -200,7 +204,7 @@ def evaluate(run, bits, batch_size, out, as_json, episodes, setting):
     from tfbitmeta.meta.evaluate import format_table
     from tfbitmeta.meta.train import evaluate as run_evaluate
 
-    result = run_evaluate(run, bits, batch_size, out)
+    result = run_evaluate(run, bits, batch_size, out, deployed=deployed, progress=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result["rows"], indent=2) if as_json else format_table(result["rows"]))
 
 
@@ -230,6 +234,7 @@ def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights,
     if is_fewshot_run(run):
         from tfbitmeta.export.embedding import export_embedding
 
+        failed = []
         for b in bits.split(","):
             e = export_embedding(run, b, out, int4=not int8_weights, verify_episodes=50 if verify else 0,
                                  progress=lambda m: click.echo(m, err=True))
@@ -237,7 +242,13 @@ def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights,
             click.echo(f"{e['path']:<24} {e['bytes']:>9} B  dim {e['embedding_dim']}"
                        + (f"  {v['setting']} accuracy tflite {100 * v['tflite_acc']:.2f}% / keras "
                           f"{100 * v['keras_calibrated_acc']:.2f}%, agreement {100 * v['prediction_agreement']:.2f}%"
+                          f", {'bit-exact' if v['integer_reference']['bit_exact'] else 'NOT bit-exact' if v['integer_reference']['integer'] else 'float'}"
                           if v else ""))
+            if v and not v["passed"]:
+                failed.append(e["path"])
+        if failed:
+            raise click.ClickException(f"verification failed (interpreter != integer reference, or kernels != "
+                                       f"the checkpoint's): {', '.join(failed)}")
         return
     from tfbitmeta.export.convert import export
 

@@ -73,3 +73,40 @@ def exit_report(exit_probs: np.ndarray, final_probs: np.ndarray, y: np.ndarray, 
             "exit_or_continue_accuracy": acc, "full_accuracy": full,
             "exit_head_accuracy": float(np.mean(exit_probs.argmax(-1) == y)),
             "loss_pp": round(100 * (full - acc), 4), "images": int(len(y))}
+
+
+def deployed_table(bm, norm, data, configs, int4: bool = True, n_val: int = 5000, n_test: int | None = None,
+                   max_loss: float = DEFAULT_MAX_LOSS, n_representative: int = 200, progress=None) -> dict:
+    """Per configuration (by name): deployed accuracy of every exit head and of the full model (front end ->
+    backend files, integer reference, whole test set unless ``n_test``), and the exit-or-continue report at the
+    threshold chosen on ``n_val`` validation images.  Configurations with no TFLite container are skipped with
+    the reason."""
+    from tfbitmeta.errors import TfbitmetaError
+    from tfbitmeta.export.convert import config_kind
+    from tfbitmeta.quant.bitwidth import config_name
+
+    rep_pixels = norm.pixels(data.x_val[:n_representative]).numpy()
+    rep = norm.apply(data.x_val[:n_representative]).numpy()
+    pv, yv = norm.pixels(data.x_val[:n_val]).numpy(), data.y_val[:n_val]
+    xt = data.x_test if n_test is None else data.x_test[:n_test]
+    pt, yt = norm.pixels(xt).numpy(), data.y_test[:len(xt)]
+    out = {}
+    for cfg in configs:
+        name = config_name(cfg)
+        try:
+            kind = config_kind(cfg)
+        except TfbitmetaError as e:
+            out[name] = {"skipped": str(e)}
+            continue
+        row = {"kind": kind, "exits": {}}
+        for split in bm.exits:
+            if progress:
+                progress(f"deployed accuracy: {name}, exit {split}")
+            bufs = deployed_parts(bm, cfg, norm, split, rep_pixels, rep, int4 and kind == "integer")
+            val = deployed_outputs(bufs["front_end"], bufs["backend"], pv)
+            test = deployed_outputs(bufs["front_end"], bufs["backend"], pt)
+            t = choose_threshold(val["exit_probs"], val["final_probs"], yv, max_loss)
+            row["exits"][split] = exit_report(test["exit_probs"], test["final_probs"], yt, t)
+            row["logits"] = float(np.mean(test["final_probs"].argmax(-1) == yt))
+        out[name] = row
+    return out
