@@ -37,7 +37,7 @@ def lr_schedule(lr: float, total_steps: int):
 
 def make_train_step(model: tf.keras.Model, optimizer, distill: bool, exit_weight: float, clip: float, image_shape,
                     exit_distill: float = 0.0):
-    """``exit_distill``: weight of each early-exit head's soft cross-entropy to the stop-gradient softmax of the
+    """``exit_distill``: weight of each early-exit head's KL divergence to the stop-gradient softmax of the
     final head of the same task (self-distillation: the exit learns where the full model is confident, so its
     confidence is a better early-exit signal; docs/export.md, "Early exits")."""
     variables = model.trainable_variables
@@ -56,8 +56,10 @@ def make_train_step(model: tf.keras.Model, optimizer, distill: bool, exit_weight
                 soft = -tf.reduce_mean(tf.reduce_sum(teacher[k] * tf.nn.log_softmax(out[k]), axis=-1))
                 task = task + quantized * soft
             if k != "logits" and exit_distill:
+                # KL(final || exit): the soft cross-entropy's gradient, minus the teacher's entropy (so it tends to 0)
                 final = tf.stop_gradient(tf.nn.softmax(out["logits"]))
-                task = task + exit_distill * -tf.reduce_mean(tf.reduce_sum(final * tf.nn.log_softmax(out[k]), axis=-1))
+                kl = tf.reduce_sum(tf.math.xlogy(final, final) - final * tf.nn.log_softmax(out[k]), axis=-1)
+                task = task + exit_distill * tf.reduce_mean(kl)
             loss = loss + w * task
         return loss, out
 
