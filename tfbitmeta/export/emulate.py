@@ -128,8 +128,7 @@ class TfliteProgram:
 
     def __init__(self, buf: bytes, signature: str | None = None):
         schema = _schema()
-        if isinstance(buf, (str, bytes)) is False:
-            buf = bytes(buf)
+        buf = bytes(buf)
         model = schema.ModelT.InitFromPackedBuf(buf, 0)
         type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
         self.op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -309,6 +308,19 @@ def _is_int(tin: Tensor) -> bool:
     return tin.dtype in ("int8", "uint8", "int16")
 
 
+def _output_stage(acc, args, tins, tout, fused, integer: bool, columns: int):
+    """Accumulator + bias -> output: requantized codes for integer kernels, float (+ activation) otherwise."""
+    b = _bias(args, tins)
+    if integer:
+        acc = np.rint(acc).astype(np.int64)
+        if b is not None:
+            acc = acc + np.asarray(b, np.int64)
+        return _per_channel_requant(acc, tins[0], tins[1], tout, fused, columns)
+    if b is not None:
+        acc = acc + np.asarray(b, np.float64)
+    return _float_act(acc, fused).astype(np.float32)
+
+
 def _conv2d(args, tins, tout, opt, ctx):
     x, w = args[0], args[1]
     tin, tw = tins[0], tins[1]
@@ -324,16 +336,8 @@ def _conv2d(args, tins, tout, opt, ctx):
     o, kh, kw, i = wv.shape
     win = _windows(xin, kh, kw, opt.strideH, opt.strideW, opt.dilationHFactor, opt.dilationWFactor, opt.padding)
     acc = win.reshape(*win.shape[:3], -1) @ wv.reshape(o, -1).T  # exact for integers (< 2^53)
-    b = _bias(args, tins)
-    if not windows_fp:
-        acc = np.rint(acc).astype(np.int64)
-        if b is not None:
-            acc = acc + np.asarray(b, np.int64)
-        columns = 1 if acc.shape[1] * acc.shape[2] == 1 else (ctx["batch"] or acc.shape[0]) * acc.shape[1] * acc.shape[2]
-        return _per_channel_requant(acc, tin, tw, tout, opt.fusedActivationFunction, columns)
-    if b is not None:
-        acc = acc + np.asarray(b, np.float64)
-    return _float_act(acc, opt.fusedActivationFunction).astype(np.float32)
+    columns = 1 if acc.shape[1] * acc.shape[2] == 1 else (ctx["batch"] or acc.shape[0]) * acc.shape[1] * acc.shape[2]
+    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not windows_fp, columns)
 
 
 def _depthwise(args, tins, tout, opt, ctx):
@@ -351,15 +355,7 @@ def _depthwise(args, tins, tout, opt, ctx):
     if mult != 1:
         win = np.repeat(win, mult, axis=-1)
     acc = np.einsum("nhwijc,ijc->nhwc", win, wv[0], optimize=True)
-    b = _bias(args, tins)
-    if not fp:
-        acc = np.rint(acc).astype(np.int64)
-        if b is not None:
-            acc = acc + np.asarray(b, np.int64)
-        return _per_channel_requant(acc, tin, tw, tout, opt.fusedActivationFunction, columns=0)
-    if b is not None:
-        acc = acc + np.asarray(b, np.float64)
-    return _float_act(acc, opt.fusedActivationFunction).astype(np.float32)
+    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, columns=0)
 
 
 def _fully_connected(args, tins, tout, opt, ctx):
@@ -370,19 +366,12 @@ def _fully_connected(args, tins, tout, opt, ctx):
     xin = np.asarray(x, np.float64) if fp else _int_operand(x, tin)
     xin = xin.reshape(-1, wv.shape[1])
     acc = xin @ wv.T
-    b = _bias(args, tins)
     keep = bool(getattr(opt, "keepNumDims", False))
     shape = (*np.asarray(x).shape[:-1], wv.shape[0]) if keep else acc.shape
     if not fp:
         _check_weight_zero(tw)
-        acc = np.rint(acc).astype(np.int64)
-        if b is not None:
-            acc = acc + np.asarray(b, np.int64)
-        columns = ctx["batch"] or acc.shape[0]
-        return _per_channel_requant(acc, tin, tw, tout, opt.fusedActivationFunction, columns).reshape(shape)
-    if b is not None:
-        acc = acc + np.asarray(b, np.float64)
-    return _float_act(acc, opt.fusedActivationFunction).astype(np.float32).reshape(shape)
+    y = _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, ctx["batch"] or acc.shape[0])
+    return y.reshape(shape)
 
 
 def _pool(kind):
