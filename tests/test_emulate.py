@@ -13,11 +13,9 @@ from tfbitmeta.export import deployed, emulate
 @pytest.fixture(scope="module")
 def run_1bit(tmp_path_factory):
     """A small digits MEBQAT run whose candidates include 1 bit (the session's tiny run has 2, 4, 8, fp)."""
-    out = tmp_path_factory.mktemp("runs") / "tiny1"
-    r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--steps", "120", "--batch-size", "32",
-                                  "--bits", "1,2,4,8,fp", "--out", str(out), "--quiet"])
-    assert r.exit_code == 0, r.output
-    return out
+    from conftest import train_digits
+
+    return train_digits(tmp_path_factory.mktemp("runs") / "tiny1", "1,2,4,8,fp", 120)
 
 
 def test_fixed_point_helpers_match_tflite_rounding():
