@@ -39,19 +39,23 @@ def _reap_tff_workers():
     assert not worker_processes(), "a TFF worker_binary survived the test session"
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A small MEBQAT run on digits, trained once per session through the CLI."""
+def train_digits(out, bits: str, steps: int):
+    """A small MEBQAT run on digits through the CLI."""
     from click.testing import CliRunner
 
     from tfbitmeta.cli import main
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--steps", "200", "--batch-size", "32",
-                                  "--bits", "2,4,8,fp", "--out", str(out), "--quiet"])
+    r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--steps", str(steps), "--batch-size", "32",
+                                  "--bits", bits, "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     (out.parent / "tiny_train_output.txt").write_text(r.output)  # what the user saw (test_cli reads it)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A small MEBQAT run on digits, trained once per session through the CLI."""
+    return train_digits(tmp_path_factory.mktemp("runs") / "tiny", "2,4,8,fp", 200)
 
 
 @pytest.fixture(scope="session")

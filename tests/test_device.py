@@ -69,7 +69,8 @@ def test_sha256_mismatch_is_refused(models, digit):
 
 
 def test_classify_with_server_up_matches_the_files(server, models, digit):
-    r = classify(digit[0], "--models", models, "--bits", "4", "--server", server[0], "--json")
+    # threshold 1 (above any int8 softmax probability): always ask the server, whatever the manifest recommends
+    r = classify(digit[0], "--models", models, "--bits", "4", "--threshold", "1", "--server", server[0], "--json")
     a = json.loads(r.output)
     front = run_tflite(models / "front_4_exit3.tflite", digit[1][None])
     probs = run_tflite(models / "backend_4_split3.tflite", front["features"])["probs"][0]
@@ -77,16 +78,16 @@ def test_classify_with_server_up_matches_the_files(server, models, digit):
     np.testing.assert_allclose(a["exit_probs"], front["exit_probs"][0], atol=1e-6)
     np.testing.assert_allclose(a["server_probs"], probs, atol=1e-6)
     assert a["label"] == a["server_label"] == str(int(np.argmax(probs)))
-    human = classify(digit[0], "--models", models, "--bits", "4", "--server", server[0]).output
+    human = classify(digit[0], "--models", models, "--bits", "4", "--threshold", "1", "--server", server[0]).output
     assert "via server" in human and "fell back: yes" in human and "latency" in human
 
 
 def test_server_down_gives_the_local_answer_marked_offline(models, digit):
-    a = json.loads(classify(digit[0], "--models", models, "--bits", "8", "--server", f"http://127.0.0.1:{free_port()}",
+    a = json.loads(classify(digit[0], "--models", models, "--bits", "8", "--threshold", "1", "--server", f"http://127.0.0.1:{free_port()}",
                             "--json").output)
     assert a["decision"] == "offline" and "unreachable" in a["offline_reason"]
     assert a["label"] == a["local_label"] and a["server_label"] is None
-    assert "OFFLINE" in classify(digit[0], "--models", models, "--server", f"http://127.0.0.1:{free_port()}").output
+    assert "OFFLINE" in classify(digit[0], "--models", models, "--threshold", "1", "--server", f"http://127.0.0.1:{free_port()}").output
 
 
 def test_slow_server_times_out_to_offline(models, digit):
@@ -94,7 +95,7 @@ def test_slow_server_times_out_to_offline(models, digit):
         s.bind(("127.0.0.1", 0))
         s.listen(8)
         t0 = time.monotonic()
-        a = json.loads(classify(digit[0], "--models", models, "--bits", "4", "--timeout", "0.5",
+        a = json.loads(classify(digit[0], "--models", models, "--bits", "4", "--timeout", "0.5", "--threshold", "1",
                                 "--server", f"http://127.0.0.1:{s.getsockname()[1]}", "--json").output)
     assert a["decision"] == "offline" and "within 0.5 s" in a["offline_reason"]
     assert time.monotonic() - t0 < 10
@@ -107,12 +108,12 @@ def test_confident_early_exit_does_not_ask_the_server(models, digit):
 
 
 def test_missing_bitwidth_is_fetched_verified_and_cached(server, models, digit):
-    a = json.loads(classify(digit[0], "--models", models, "--bits", "2/4", "--server", server[0], "--json").output)
+    a = json.loads(classify(digit[0], "--models", models, "--bits", "2/4", "--threshold", "1", "--server", server[0], "--json").output)
     assert a["bits"] == "w2a4" and a["decision"] == "server"
     cached = models / ".device-cache" / "w2a4_exit3.tflite"
     assert cached.is_file()
     # later, offline: the cached front end is used
-    b = json.loads(classify(digit[0], "--models", models, "--bits", "2/4", "--server", f"http://127.0.0.1:{free_port()}",
+    b = json.loads(classify(digit[0], "--models", models, "--bits", "2/4", "--threshold", "1", "--server", f"http://127.0.0.1:{free_port()}",
                             "--json").output)
     assert b["decision"] == "offline" and b["exit_probs"] == a["exit_probs"]
     cached.write_bytes(cached.read_bytes()[:-1] + b"\0")
@@ -134,7 +135,7 @@ def test_readme_commands_serve_then_classify(models, digit):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
-        out = classify(digit[0], "--models", models, "--bits", "4", "--server", f"http://127.0.0.1:{port}").output
+        out = classify(digit[0], "--models", models, "--bits", "4", "--threshold", "1", "--server", f"http://127.0.0.1:{port}").output
         assert "via server" in out
     finally:
         proc.terminate()

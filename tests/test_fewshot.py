@@ -317,6 +317,7 @@ def test_protonet_embedding_exports_to_tflite(tmp_path, omni):
     v = e["verify"]
     assert v["prediction_agreement"] >= 0.8, v
     assert abs(v["tflite_acc"] - v["keras_calibrated_acc"]) <= 0.1, v
+    assert v["integer_reference"]["bit_exact"] and v["weights"]["passed"] and v["passed"], v
 
 
 # -- modified-Hausdorff baseline ------------------------------------------------------------------------------

@@ -198,7 +198,9 @@ def main():
 @click.option("--steps", type=click.IntRange(1), default=None, help="total optimizer steps (overrides --epochs)")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--exit-weight", type=float, default=0.3, show_default=True, help="loss weight of early-exit heads")
+@click.option("--exit-weight", type=float, default=0.5, show_default=True, help="loss weight of early-exit heads")
+@click.option("--exit-distill", type=float, default=1.0, show_default=True,
+              help="weight of the early exits' distillation from the final head")
 @click.option("--image-size", type=click.IntRange(4), default=None, help="resize images to N x N")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="use only the first N training images")
 @click.option("--patience", type=click.IntRange(1), default=None, help="early stopping after N epochs without gain")
@@ -210,7 +212,7 @@ def main():
 @fewshot_options
 @user_errors
 def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_mode, num_tasks, epochs, steps,
-          batch_size, lr, exit_weight, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet,
+          batch_size, lr, exit_weight, exit_distill, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet,
           **fewshot):
     """Train one model (MEBQAT by default) and print its test accuracy at every candidate bitwidth."""
     if fewshot_kind(method):
@@ -231,7 +233,7 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
     from tfbitmeta.meta.train import train as run_train
 
     tcfg = TrainConfig(method=method, dataset=dataset, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
-                       num_tasks=num_tasks, exit_weight=exit_weight, seed=seed, ckpt_every=ckpt_every,
+                       num_tasks=num_tasks, exit_weight=exit_weight, exit_distill=exit_distill, seed=seed, ckpt_every=ckpt_every,
                        limit_train=limit_train, patience=patience)
     mopts = ModelOptions(family=family, width=width, scheme=scheme, bits=bit_values, w_eq_a=w_eq_a,
                          first_last=first_last, bn_mode=bn_mode, image_size=image_size)
@@ -261,9 +263,13 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
                    "(runNN/class_labels.txt, fixed 20-way episodes)")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="few-shot runs: also score the modified-Hausdorff baseline on the same episodes")
+@click.option("--deployed/--no-deployed", default=True, show_default=True,
+              help="also convert each bitwidth and report what the integer TFLite files answer (integer-exact "
+                   "reference, whole test set) and the early-exit fraction / exit-or-continue accuracy")
 @user_errors
-def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, baseline):
-    """Evaluate a trained run at many bitwidths (table, results.json, accuracy_vs_bits.png)."""
+def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, baseline, deployed):
+    """Evaluate a trained run at many bitwidths: fake-quant and deployed (integer) accuracy side by side, early
+    exits at the validation-chosen threshold (table, results.json, accuracy_vs_bits.png)."""
     if is_fewshot_run(run):
         from tfbitmeta.meta.fewshot.evaluation import evaluate_run, format_rows
 
@@ -274,7 +280,7 @@ def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, b
     from tfbitmeta.meta.evaluate import format_table
     from tfbitmeta.meta.train import evaluate as run_evaluate
 
-    result = run_evaluate(run, bits, batch_size, out)
+    result = run_evaluate(run, bits, batch_size, out, deployed=deployed, progress=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result["rows"], indent=2) if as_json else format_table(result["rows"]))
 
 
@@ -304,6 +310,7 @@ def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights,
     if is_fewshot_run(run):
         from tfbitmeta.export.embedding import export_embedding
 
+        failed = []
         for b in bits.split(","):
             e = export_embedding(run, b, out, int4=not int8_weights, verify_episodes=50 if verify else 0,
                                  progress=lambda m: click.echo(m, err=True))
@@ -311,7 +318,13 @@ def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights,
             click.echo(f"{e['path']:<24} {e['bytes']:>9} B  dim {e['embedding_dim']}"
                        + (f"  {v['setting']} accuracy tflite {100 * v['tflite_acc']:.2f}% / keras "
                           f"{100 * v['keras_calibrated_acc']:.2f}%, agreement {100 * v['prediction_agreement']:.2f}%"
+                          f", {'bit-exact' if v['integer_reference']['bit_exact'] else 'NOT bit-exact' if v['integer_reference']['integer'] else 'float'}"
                           if v else ""))
+            if v and not v["passed"]:
+                failed.append(e["path"])
+        if failed:
+            raise click.ClickException(f"verification failed (interpreter != integer reference, or kernels != "
+                                       f"the checkpoint's): {', '.join(failed)}")
         return
     from tfbitmeta.export.convert import export
 
@@ -320,8 +333,17 @@ def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights,
     rows = []
     for f in manifest["files"]:
         v = f.get("verify") or {}
+        ref = v.get("integer_reference") or {}
         rows.append(f"{f['path']:<28} {f['bytes']:>9} B  {f['weights']:<9}"
-                    + (f"  agreement {100 * v['top1_agreement']:.2f}%  max|dp| {v['max_abs_dprob']:.4f}" if v else ""))
+                    + ((f"  {'bit-exact' if ref.get('bit_exact') else 'NOT bit-exact' if ref.get('integer') else 'float':<13}"
+                        f"  deployed acc {100 * v['tflite_accuracy']:.2f}% / fake-quant {100 * v['keras_accuracy']:.2f}%"
+                        f"  agreement {100 * v['top1_agreement']:.2f}%") if v else ""))
+        pol = f.get("exit_policy") or {}
+        if pol.get("test"):
+            t = pol["test"]
+            rows.append(f"{'':<28} exit threshold {pol['threshold']:.2f} (validation): {100 * t['exit_fraction']:.1f}% exit "
+                        f"early, exit-or-continue {100 * t['exit_or_continue_accuracy']:.2f}% vs full model "
+                        f"{100 * t['full_accuracy']:.2f}%")
     click.echo("\n".join(rows))
     _report_written(manifest, out)
 
@@ -333,7 +355,9 @@ def _report_written(manifest: dict, out: Path) -> None:
     click.echo(f"wrote {len(manifest['files'])} files and {out / 'manifest.json'}")
     failed = [f["path"] for f in manifest["files"] if f.get("verify") and not f["verify"]["passed"]]
     if failed:
-        raise click.ClickException(f"parity below {100 * AGREEMENT_TARGET:.1f}% top-1 agreement: {', '.join(failed)}")
+        raise click.ClickException(f"verification failed (integer files: interpreter != integer reference or kernels "
+                                   f"!= the checkpoint's; float files: top-1 agreement with Keras below "
+                                   f"{100 * AGREEMENT_TARGET:.1f}%): {', '.join(failed)}")
 
 
 def _convert_federated(run, out, verify, verify_images):

@@ -26,6 +26,7 @@ import tensorflow as tf
 from tfbitmeta.data import datasets
 from tfbitmeta.errors import BadArgument, TfbitmetaError
 from tfbitmeta.export.digest import sha256_file
+from tfbitmeta.export import deployed, emulate
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
 from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
 from tfbitmeta.models import BitModel
@@ -43,6 +44,19 @@ def validate_manifest(manifest: dict) -> None:
     import jsonschema
 
     jsonschema.validate(manifest, manifest_schema())
+
+
+def config_kind(cfg: Config) -> str:
+    """"float" (fp), "weight_only" (k-bit weights, float activations, e.g. w2afp: a float32 file whose weights lie
+    on the k-bit grid) or "integer" (full-integer file); refuses configurations with no TFLite container."""
+    w, a = int(cfg[0]), int(cfg[1])
+    if (w, a) == (FP, FP):
+        return "float"
+    if a == FP:
+        container_bits(w)
+        return "weight_only"
+    container_bits(max(w, a))
+    return "integer"
 
 
 # -- building and converting one part ------------------------------------------------------------------
@@ -180,15 +194,6 @@ def run_tflite(buf_or_path, x: np.ndarray, batch: int = 256) -> dict:
 
 
 # -- the whole export --------------------------------------------------------------------------------------
-def exit_threshold(exit_probs: np.ndarray, final_acc: float, y: np.ndarray) -> float:
-    """Smallest confidence at which the exit head's accepted predictions are at least as accurate as the
-    full model (on validation data); 1.0 = always ask the server."""
-    conf, pred = exit_probs.max(-1), exit_probs.argmax(-1)
-    for t in np.round(np.arange(0.5, 1.0, 0.01), 2):
-        sel = conf >= t
-        if sel.sum() >= 10 and float(np.mean(pred[sel] == y[sel])) >= final_acc:
-            return float(t)
-    return 1.0
 
 
 def parse_exits(spec: str, bm: BitModel) -> list[int]:
@@ -206,14 +211,14 @@ def parse_exits(spec: str, bm: BitModel) -> list[int]:
 
 
 def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True, float16: bool = False, int4: bool = True,
-           n_verify: int = 1000, n_representative: int = 200, measure_latency: bool = True, progress=print) -> dict:
+           n_verify: int = 1000, n_representative: int = 200, measure_latency: bool = True, progress=print,
+           n_threshold: int = 5000, max_exit_loss: float = deployed.DEFAULT_MAX_LOSS) -> dict:
     run = RunDir(run_path)
     meta = run.read_meta()
     bm = run.load_model("model" if (run.path / "model").exists() else "best")
     configs = bm.cfg.candidates.parse(bits)
     for cfg in configs:
-        if cfg != (FP, FP):
-            container_bits(max(cfg))  # refuses 16-bit with a clear message
+        config_kind(cfg)  # refuses 16-bit with a clear message
     splits_to_export = parse_exits(exits, bm)
     if not splits_to_export:
         raise TfbitmetaError("the model has no early-exit head to export")
@@ -224,6 +229,7 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
     rep_pixels = norm.pixels(data.x_val[:n_representative]).numpy()
     rep = norm.apply(data.x_val[:n_representative]).numpy()
     xv, yv = norm.apply(data.x_val).numpy(), data.y_val
+    pv = norm.pixels(data.x_val[:n_threshold]).numpy()
     pt = norm.pixels(data.x_test[:n_verify]).numpy()
     xt, yt = norm.apply(data.x_test[:n_verify]).numpy(), data.y_test[:n_verify]
 
@@ -232,20 +238,22 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
     try:
         for cfg in configs:
             alignment = []  # how far each folded bias moved onto the int32 grid (graph.aligned_biases)
-            with aligned_biases(bm.keras, cfg, norm, int4, alignment):
-                quantized = cfg != (FP, FP)
+            kind_of_cfg = config_kind(cfg)
+            cfg_int4 = int4 and kind_of_cfg == "integer"  # weight-only files keep float32 weights on the k-bit grid
+            with aligned_biases(bm.keras, cfg, norm, cfg_int4, alignment):
+                quantized = kind_of_cfg == "integer"
                 b = bits_tensor(cfg, 1)
                 name = config_name(cfg)
-                keras_val = bm.keras([xv, bits_tensor(cfg, len(xv))], training=False)
                 keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
                 for split in splits_to_export:
                     feats_rep = bm.extractor(split)([rep, tf.tile(b, [len(rep), 1])], training=False).numpy()
+                    bufs, entries = {}, {}
                     for kind in ("front_end", "backend"):
                         fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else f"backend_{name}_split{split}.tflite"
                         progress(f"converting {fname}")
-                        part = Part(bm, cfg, kind, split, norm, int4)
+                        part = Part(bm, cfg, kind, split, norm, cfg_int4)
                         buf = convert_part(part, rep_pixels if kind == "front_end" else feats_rep, quantized,
-                                           float16 and not quantized)
+                                           float16 and kind_of_cfg == "float")
                         path = tmp / fname
                         path.write_bytes(buf)
                         info = inspect_tflite(buf)
@@ -255,24 +263,30 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
                             "exit": split if kind == "front_end" else None, "split": split,
                             "sha256": sha256_file(path), "bytes": len(buf),
                             "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
-                                       ("float16" if float16 else "float32"),
+                                       ("float16" if float16 and kind_of_cfg == "float" else "float32"),
                             "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
                             "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
                                      "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
                                      "weight_types": info["weight_types"],
                                      "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
+                            "exit_threshold": None,
                         }
-                        if kind == "front_end":
-                            ev = tf.nn.softmax(keras_val[f"exit{split}"]).numpy()
-                            final_acc = float(np.mean(np.argmax(keras_val["logits"], -1) == yv))
-                            entry["exit_threshold"] = exit_threshold(ev, final_acc, yv)
-                        else:
-                            entry["exit_threshold"] = None
+                        if kind_of_cfg == "weight_only":
+                            entry["weight_grid_bits"] = int(cfg[0])
                         if verify:
-                            entry["verify"] = _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test)
+                            entry["verify"] = _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test, part.graph)
                         if measure_latency:
                             entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
+                        bufs[kind], entries[kind] = buf, entry
                         files.append(entry)
+                    # the recommended exit threshold: chosen on validation images with the deployed arithmetic
+                    policy = _exit_policy(bufs, pv, yv[:len(pv)], max_exit_loss)
+                    if verify:
+                        test = _deployed(bufs, pt)
+                        policy["test"] = deployed.exit_report(test["exit_probs"], test["final_probs"], yt,
+                                                              policy["threshold"])
+                    entries["front_end"]["exit_threshold"] = policy["threshold"]
+                    entries["front_end"]["exit_policy"] = policy
                 if verify:
                     _verify_pipeline(tmp, files, cfg, name, splits_to_export, pt, yt, keras_test)
         manifest = {
@@ -299,19 +313,87 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
     return manifest
 
 
-def _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test) -> dict:
-    """``pt``: test pixels (what the front-end file takes), ``xt``: the same images normalized (Keras)."""
+def check_weights(buf: bytes, graph: ExportGraph) -> dict:
+    """Every integer kernel of the file holds the checkpoint's quantized weights at this bitwidth: the real values
+    ``code x scale`` of the file equal the checkpoint's to half a step of the file's scale (the converter may
+    re-quantize a grid into a finer container).  A file that was altered, or converted from other weights, fails."""
+    program = emulate.TfliteProgram(buf)
+    expected = graph.integer_weights()
+    found = [t for t in program.tensors if t.data is not None and t.quantized and len(t.shape) == 4
+             and t.dtype in ("int8", "int4")]
+    unmatched = []
+    for t in found:
+        fs = np.asarray(t.scale, np.float64).reshape(-1, 1, 1, 1)
+        real = t.data.astype(np.float64) * fs
+        ok = False
+        for _, codes, scale in expected:
+            if codes.shape != t.data.shape:
+                continue
+            want = codes.astype(np.float64) * np.asarray(scale, np.float64).reshape(-1, 1, 1, 1)
+            if codes.shape[0] == 1:  # depthwise: channels on the last axis
+                want = codes.astype(np.float64) * np.asarray(scale, np.float64).reshape(1, 1, 1, -1)
+                real = t.data.astype(np.float64) * np.asarray(t.scale, np.float64).reshape(1, 1, 1, -1)
+                fs = np.asarray(t.scale, np.float64).reshape(1, 1, 1, -1)
+            if np.all(np.abs(real - want) <= 0.5 * fs * (1 + 1e-4)):
+                ok = True
+                break
+        if not ok:
+            unmatched.append(t.name)
+    return {"kernels": len(found), "expected": len(expected), "unmatched": unmatched,
+            "passed": not unmatched and len(found) >= len(expected)}
+
+
+def _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test, graph) -> dict:
+    """``pt``: test pixels (what the front-end file takes), ``xt``: the same images normalized (Keras).
+
+    Pass/fail: for integer files, the interpreter (one image per call, as on a device) and the integer-exact
+    reference agree bit for bit on every output, and the file's kernels are the checkpoint's integer codes; for
+    float files (fp, weight-only), top-1 agreement with the Keras model >= AGREEMENT_TARGET.  Agreement with the
+    fake-quant Keras model is reported for every file (the deployed vs training-time gap)."""
     if kind == "front_end":
-        got = run_tflite(buf, pt)["exit_probs"]
+        feeds, out = {"image": pt}, "exit_probs"
         ref = tf.nn.softmax(keras_test[f"exit{split}"]).numpy()
     else:
         feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
-        got = run_tflite(buf, feats)["probs"]
+        feeds, out = {"features": feats}, "probs"
         ref = tf.nn.softmax(keras_test["logits"]).numpy()
+    try:
+        cmp = emulate.compare(buf, feeds)
+        got = cmp["interpreter"][out]
+        reference = {"bit_exact": cmp["bit_exact"], "integer": cmp["integer"], "ops": cmp["ops"],
+                     "outputs": cmp["outputs"]}
+    except emulate.UnsupportedOp as e:  # named, and the file fails verification if it is an integer file
+        got = run_tflite(buf, feeds[next(iter(feeds))])[out]
+        reference = {"bit_exact": False, "integer": True, "unsupported": str(e)}
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    return {"images": int(len(xt)), "top1_agreement": agree, "max_abs_dprob": float(np.abs(got - ref).max()),
-            "tflite_accuracy": float(np.mean(got.argmax(-1) == yt)), "keras_accuracy": float(np.mean(ref.argmax(-1) == yt)),
-            "passed": agree >= AGREEMENT_TARGET}
+    result = {"images": int(len(xt)), "top1_agreement": agree, "max_abs_dprob": float(np.abs(got - ref).max()),
+              "tflite_accuracy": float(np.mean(got.argmax(-1) == yt)),
+              "keras_accuracy": float(np.mean(ref.argmax(-1) == yt)), "integer_reference": reference}
+    if reference["integer"]:
+        result["weights"] = check_weights(buf, graph)
+        result["passed"] = bool(reference["bit_exact"] and result["weights"]["passed"])
+    else:
+        result["passed"] = agree >= AGREEMENT_TARGET
+    return result
+
+
+def _deployed(bufs: dict, pixels: np.ndarray) -> dict:
+    """Exit and final probabilities of the deployed pipeline (the integer reference; the interpreter for a file
+    with an operator the reference does not know)."""
+    try:
+        return {**deployed.deployed_outputs(bufs["front_end"], bufs["backend"], pixels), "source": "integer reference"}
+    except emulate.UnsupportedOp:
+        f = run_tflite(bufs["front_end"], pixels)
+        return {"exit_probs": f["exit_probs"], "final_probs": run_tflite(bufs["backend"], f["features"])["probs"],
+                "source": "interpreter"}
+
+
+def _exit_policy(bufs: dict, pv: np.ndarray, yv: np.ndarray, max_loss: float) -> dict:
+    out = _deployed(bufs, pv)
+    source = out["source"]
+    t = deployed.choose_threshold(out["exit_probs"], out["final_probs"], yv, max_loss)
+    return {"threshold": t, "chosen_on": f"{len(pv)} validation images ({source})", "max_loss_pp": 100 * max_loss,
+            "validation": deployed.exit_report(out["exit_probs"], out["final_probs"], yv, t)}
 
 
 def _verify_pipeline(tmp, files, cfg, name, splits, pt, yt, keras_test):

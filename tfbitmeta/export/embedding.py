@@ -7,7 +7,9 @@ BatchNorm: the few-shot evaluation normalizes with the statistics of each episod
 reference); a device embeds one image at a time, so the exported file uses per-bitwidth statistics estimated on
 meta-training images (:func:`~tfbitmeta.quant.calibration.calibrate_batchnorm`, the project's deployable BN).
 ``verify`` reports, on test episodes, the ProtoNet accuracy of the TFLite embeddings, of the Keras model with the
-same calibrated statistics, their prediction agreement, and the transductive Keras accuracy for reference.
+same calibrated statistics, their prediction agreement, and the transductive Keras accuracy for reference; it
+passes when the interpreter equals the integer-exact reference (:mod:`tfbitmeta.export.emulate`) bit for bit on
+every verify image and the file's kernels are the checkpoint's (float files: prediction agreement >= 99.5 %).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import tensorflow as tf
 from tfbitmeta.data.episodes import EpisodeSampler, Setting
 from tfbitmeta.data.omniglot import load_omniglot
 from tfbitmeta.errors import TfbitmetaError
-from tfbitmeta.export.convert import convert_part, inspect_tflite, run_tflite
+from tfbitmeta.export import emulate
+from tfbitmeta.export.convert import check_weights, convert_part, inspect_tflite, run_tflite
 from tfbitmeta.export.digest import sha256_file
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
 from tfbitmeta.meta.fewshot.config import SEED_OFFSETS
@@ -87,12 +90,13 @@ def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, ve
         if verify_episodes:
             s = Setting.parse(setting, 15)
             sampler = EpisodeSampler(data.test.images, s, tcfg.seed + SEED_OFFSETS["test"], "test")
-            lite_ok, keras_ok, trans_ok, agree = [], [], [], []
+            lite_ok, keras_ok, trans_ok, agree, pixels = [], [], [], [], []
             calibrated = with_bn_statistics(bm.keras, "calibrated")
             for i in range(verify_episodes):
                 ep = sampler.episode(i)
                 x_u8 = np.concatenate([ep.support, ep.query])
-                z_lite = run_tflite(buf, norm.pixels(x_u8).numpy())["embedding"]
+                pixels.append(norm.pixels(x_u8).numpy())
+                z_lite = run_tflite(buf, pixels[-1])["embedding"]
                 x = norm.apply(x_u8)
                 z_keras = calibrated([x, bits_tensor(cfg, len(x))], training=False)["logits"].numpy()
                 z_trans = bm.keras([x, bits_tensor(cfg, len(x))], training=True)["logits"].numpy()
@@ -106,5 +110,14 @@ def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, ve
                                "tflite_acc": float(np.mean(lite_ok)), "keras_calibrated_acc": float(np.mean(keras_ok)),
                                "keras_transductive_acc": float(np.mean(trans_ok)),
                                "prediction_agreement": float(np.mean(agree))}
+            cmp = emulate.compare(buf, {"image": np.concatenate(pixels).astype(np.float32)})
+            v = entry["verify"]
+            v["integer_reference"] = {"bit_exact": cmp["bit_exact"], "integer": cmp["integer"], "ops": cmp["ops"],
+                                      "outputs": cmp["outputs"]}
+            if cmp["integer"]:
+                v["weights"] = check_weights(buf, part.graph)
+                v["passed"] = bool(cmp["bit_exact"] and v["weights"]["passed"])
+            else:
+                v["passed"] = v["prediction_agreement"] >= 0.995
     (out / f"{Path(name).stem}.json").write_text(json.dumps(entry, indent=2))
     return entry

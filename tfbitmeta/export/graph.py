@@ -187,6 +187,23 @@ class ExportGraph:
             kt = tf.reshape(kt, shape)
         return kt, bias
 
+    def integer_weights(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(layer name, integer codes in TFLite's layout, per-channel scale) of every quantized kernel in the last
+        evaluated graph: what the exported file must hold (``convert --verify`` checks it)."""
+        out, seen = [], set()
+        for layer in self.used:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            flat, bias, scale, cb, shape = self._kernels[id(layer)]
+            if scale is None:
+                continue
+            codes = np.rint(flat / scale.reshape([1] * (flat.ndim - 1) + [-1])).astype(np.int64)
+            # TF (kh, kw, in, out) -> TFLite (out, kh, kw, in); depthwise (kh, kw, 1, C) -> (1, kh, kw, C)
+            tfl = codes.transpose(2, 0, 1, 3) if isinstance(layer, QDepthwiseConv2D) else codes.transpose(3, 0, 1, 2)
+            out.append((layer.name, tfl, scale))
+        return out
+
     # -- bias alignment ---------------------------------------------------------------------------------
     def input_scale(self, layer):
         """Scale of the int8 tensor a quantized layer reads, when the export fixes it: 1/n after a k-bit

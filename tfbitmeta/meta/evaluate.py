@@ -55,12 +55,26 @@ def accuracy_table(model: tf.keras.Model, batches, configs: Sequence[Config],
 
 
 def format_table(rows: list[dict]) -> str:
+    """Accuracies as percentages; ``gap_pp`` (fake-quant - deployed) in points, thresholds as numbers; n/a where
+    a configuration has no value (e.g. no deployed file for 16 bit)."""
     if not rows:
         return "(no rows)"
-    cols = [c for c in rows[0] if c not in ("w", "a")]
-    lines = ["  ".join(f"{c:>14}" for c in cols)]
+    cols = []
     for r in rows:
-        lines.append("  ".join(f"{r[c]:>14}" if isinstance(r[c], str) else f"{100 * r[c]:>13.2f}%" for c in cols))
+        cols += [c for c in r if c not in ("w", "a", "deployed") and c not in cols]
+
+    def cell(c, v):
+        if v is None:
+            return f"{'n/a':>14}"
+        if isinstance(v, str):
+            return f"{v:>14}"
+        if c == "gap_pp":
+            return f"{v:>+11.2f} pp"
+        if c.endswith("_threshold"):
+            return f"{v:>14.2f}"
+        return f"{100 * v:>13.2f}%"
+    lines = ["  ".join(f"{c:>14}" for c in cols)]
+    lines += ["  ".join(cell(c, r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)
 
 

@@ -35,7 +35,11 @@ def lr_schedule(lr: float, total_steps: int):
     return tf.keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr * 0.1**i for i in range(len(bounds) + 1)])
 
 
-def make_train_step(model: tf.keras.Model, optimizer, distill: bool, exit_weight: float, clip: float, image_shape):
+def make_train_step(model: tf.keras.Model, optimizer, distill: bool, exit_weight: float, clip: float, image_shape,
+                    exit_distill: float = 0.0):
+    """``exit_distill``: weight of each early-exit head's KL divergence to the stop-gradient softmax of the
+    final head of the same task (self-distillation: the exit learns where the full model is confident, so its
+    confidence is a better early-exit signal; docs/export.md, "Early exits")."""
     variables = model.trainable_variables
     heads = list(model.output.keys())  # "logits" and "exitN"
     weights = {k: (1.0 if k == "logits" else exit_weight) for k in heads}
@@ -51,6 +55,11 @@ def make_train_step(model: tf.keras.Model, optimizer, distill: bool, exit_weight
             if teacher is not None:
                 soft = -tf.reduce_mean(tf.reduce_sum(teacher[k] * tf.nn.log_softmax(out[k]), axis=-1))
                 task = task + quantized * soft
+            if k != "logits" and exit_distill:
+                # KL(final || exit): the soft cross-entropy's gradient, minus the teacher's entropy (so it tends to 0)
+                final = tf.stop_gradient(tf.nn.softmax(out["logits"]))
+                kl = tf.reduce_sum(tf.math.xlogy(final, final) - final * tf.nn.log_softmax(out[k]), axis=-1)
+                task = task + exit_distill * tf.reduce_mean(kl)
             loss = loss + w * task
         return loss, out
 
@@ -192,7 +201,7 @@ class Trainer:
         self.step, self.best, self.bad_epochs = self.loop.step, self.loop.best, self.loop.bad_epochs
         self.ckpt, self.manager = self.loop.ckpt, self.loop.manager
         self.train_step = make_train_step(self.model, self.optimizer, method.distill, cfg.exit_weight, cfg.clip,
-                                          bitmodel.cfg.input_shape)
+                                          bitmodel.cfg.input_shape, cfg.exit_distill)
         self.val = eval_batches(splits.x_val, splits.y_val, norm)
         self.val_predictor = Predictor(self.model, "batch")
 

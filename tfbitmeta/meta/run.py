@@ -34,7 +34,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     num_tasks: int = 4
-    exit_weight: float = 0.3
+    exit_weight: float = 0.5
+    exit_distill: float = 1.0  # early exits also learn the final head's softmax (meta/loop.make_train_step)
     clip: float = 10.0
     seed: int = 0
     ckpt_every: int = 100
@@ -44,6 +45,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
+        d = dict(d)
+        d.setdefault("exit_distill", 0.0)  # runs written before the field existed trained without it
         return cls(**d)
 
 

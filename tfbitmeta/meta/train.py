@@ -87,7 +87,10 @@ def train(out: Path, tcfg: TrainConfig, mopts: ModelOptions, resume: bool = Fals
     return {"meta": meta, "rows": rows, "history": fit.history}
 
 
-def evaluate(run_path: Path, bits: str = "all", batch_size: int = 256, out: Path | None = None) -> dict:
+def evaluate(run_path: Path, bits: str = "all", batch_size: int = 256, out: Path | None = None,
+             deployed: bool = True, progress=None) -> dict:
+    """Fake-quant (Keras) accuracy per configuration and head; with ``deployed`` also what the exported integer
+    files answer (the integer-exact reference, whole test set) and the early-exit report, side by side."""
     run = RunDir(run_path)
     meta = run.read_meta()
     bm = run.load_model("model" if (run.path / "model").exists() else "best")
@@ -99,6 +102,27 @@ def evaluate(run_path: Path, bits: str = "all", batch_size: int = 256, out: Path
     rows = accuracy_table(bm.keras, eval_batches(splits.x_test, splits.y_test, norm, batch_size), configs, modes)
     result_meta = {"method": tcfg.method, "dataset": splits.name, "model": bm.cfg.family, "scheme": bm.cfg.scheme,
                    "bn_mode": modes[0], "batch_size": batch_size}
+    if deployed:
+        from tfbitmeta.export.deployed import DEFAULT_MAX_LOSS, deployed_table
+
+        table = deployed_table(bm, norm, splits, configs, progress=progress)
+        for row in rows:
+            d = table.get(row["bits"], {})
+            if "skipped" in d:
+                row["deployed"] = None
+                continue
+            row["logits@deployed"] = d["logits"]
+            row["gap_pp"] = round(100 * (row["logits"] - d["logits"]), 2)
+            for split, rep in d["exits"].items():
+                row[f"exit{split}@deployed"] = rep["exit_head_accuracy"]
+                row[f"exit{split}_fraction"] = rep["exit_fraction"]
+                row[f"exit{split}_or_continue"] = rep["exit_or_continue_accuracy"]
+                row[f"exit{split}_threshold"] = rep["threshold"]
+        result_meta["deployed"] = {"reference": "integer-exact emulation of the exported TFLite files "
+                                                "(tfbitmeta.export.emulate), one image per call",
+                                   "exit_threshold": f"chosen on validation: smallest with exit-or-continue accuracy "
+                                                     f">= full model - {100 * DEFAULT_MAX_LOSS:.1f} pp",
+                                   "details": table}
     write_results(check_writable(out or run.path), rows, result_meta,
                   f"{tcfg.method} on {splits.name} ({bm.cfg.family}, {bm.cfg.scheme})")
     return {"meta": result_meta, "rows": rows}
