@@ -228,7 +228,7 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
     data = datasets.load(tcfg.dataset, seed=tcfg.seed)
     rep_pixels = norm.pixels(data.x_val[:n_representative]).numpy()
     rep = norm.apply(data.x_val[:n_representative]).numpy()
-    xv, yv = norm.apply(data.x_val).numpy(), data.y_val
+    yv = data.y_val
     pv = norm.pixels(data.x_val[:n_threshold]).numpy()
     pt = norm.pixels(data.x_test[:n_verify]).numpy()
     xt, yt = norm.apply(data.x_test[:n_verify]).numpy(), data.y_test[:n_verify]
