@@ -1,0 +1,152 @@
+"""Routing scores, per-client calibration on validation ID data, and the hybrid-accuracy decomposition (issue 13).
+Pure numpy: no TensorFlow, no TFF."""
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.federated import diagnostics as D
+from tfbitmeta.federated import routing as R
+
+
+def test_modules_do_not_import_tensorflow_federated():
+    assert "tensorflow_federated" not in sys.modules
+
+
+# -- scores ------------------------------------------------------------------------------------------------
+def test_scores_rank_a_confident_image_above_an_unsure_one():
+    logits = np.array([[6.0, 0.0, 0.0], [0.4, 0.3, 0.2]])
+    for kind in ("max_softmax", "entropy", "energy"):
+        s = R.score(kind, exit_logits=logits)
+        assert s[0] > s[1], kind
+    assert np.allclose(R.max_softmax(logits), np.exp(logits).max(1) / np.exp(logits).sum(1))
+    assert np.allclose(R.energy(logits), np.log(np.exp(logits).sum(1)))
+
+
+def test_class_posterior_is_the_mass_on_the_client_classes():
+    logits = np.log(np.array([[0.5, 0.2, 0.2, 0.1], [0.05, 0.05, 0.6, 0.3]]))
+    assert np.allclose(R.class_posterior(logits, [0, 1]), [0.7, 0.1])
+    with pytest.raises(TfbitmetaError):
+        R.class_posterior(logits, [7])
+
+
+def test_mahalanobis_uses_a_tied_covariance():
+    rng = np.random.default_rng(0)
+    # two ID classes elongated along x; an OOD point at the same Euclidean distance along y must score lower
+    cov = np.diag([9.0, 0.25])
+    a = rng.multivariate_normal([0, 0], cov, 400)
+    b = rng.multivariate_normal([10, 0], cov, 400)
+    m = R.Mahalanobis.fit(np.concatenate([a, b]), np.repeat([3, 7], 400))
+    assert m.classes.tolist() == [3, 7]
+    s = m.score(np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]))
+    assert s[0] > s[1] > s[2]
+    # features of any shape are flattened per image
+    assert m.score(np.zeros((5, 2, 1))).shape == (5,)
+
+
+# -- calibration -------------------------------------------------------------------------------------------
+def test_threshold_keeps_the_target_share_of_validation_id_local():
+    rng = np.random.default_rng(1)
+    val = rng.normal(size=997)
+    for keep in (0.5, 0.9, 0.95, 0.99):
+        router = R.Router("max_softmax", keep_local=keep).calibrate(val)
+        kept = 1 - router.offload(val).mean()
+        assert keep <= kept <= keep + 1.5 / len(val), (keep, kept)
+    assert R.Router(keep_local=1.0).calibrate(val).offload(val).sum() == 0
+    assert R.Router(keep_local=0.0).calibrate(val).offload(val).all()
+    with pytest.raises(TfbitmetaError):
+        R.Router().offload(val)  # not calibrated
+
+
+def test_router_threshold_depends_on_validation_id_data_only():
+    """Calibration sees the client's validation ID scores and nothing else: OOD data and test data cannot move
+    the threshold, and a different validation set does."""
+    rng = np.random.default_rng(2)
+    val_id = rng.normal(1.0, 1.0, 300)
+    r1 = R.Router("posterior", keep_local=0.95).calibrate(val_id)
+    # the test set (ID and many OOD images) is only scored, never consulted for the threshold
+    test = np.concatenate([rng.normal(1.0, 1.0, 300), rng.normal(-3.0, 1.0, 3000)])
+    before = r1.threshold
+    r1.offload(test)
+    assert r1.threshold == before
+    assert R.Router("posterior", keep_local=0.95).calibrate(val_id[::-1].copy()).threshold == before
+    assert R.Router("posterior", keep_local=0.95).calibrate(val_id + 0.5).threshold != before
+
+
+def test_hold_out_validation_is_a_stratified_disjoint_split_of_the_client_data():
+    y = np.repeat([2, 5, 9], [50, 30, 1])
+    idx = np.arange(len(y)) + 100
+    labels = np.concatenate([np.full(100, -1), y])
+    train, val = R.hold_out_validation(idx, labels, 0.2, seed=0)
+    assert not set(train) & set(val) and set(train) | set(val) == set(idx)
+    assert np.bincount(labels[val], minlength=10)[[2, 5, 9]].tolist() == [10, 6, 0]
+    assert set(labels[train]) == {2, 5, 9}
+    t2, v2 = R.hold_out_validation(idx, labels, 0.2, seed=0)
+    assert np.array_equal(v2, val)
+
+
+# -- diagnostics -------------------------------------------------------------------------------------------
+def test_auroc_matches_sklearn_and_orientation():
+    rng = np.random.default_rng(3)
+    id_s, ood_s = rng.normal(1, 1, 200), rng.normal(0, 1, 150)
+    ref = roc_auc_score(np.r_[np.ones(150), np.zeros(200)], np.r_[-ood_s, -id_s])
+    assert D.auroc(id_s, ood_s) == pytest.approx(ref)
+    # hand count, ties one half: OOD {0, 1}, ID {1, 2} -> pairs (0<1, 0<2, 1=1, 1<2) = 3.5 / 4
+    assert D.auroc([1.0, 2.0], [0.0, 1.0]) == pytest.approx(0.875)
+    assert D.auroc([1.0], []) is None
+
+
+def test_shortcut_metric_on_a_hand_made_case():
+    # client owns classes {0, 1}; six OOD images (classes 4..9) and two ID images
+    y = np.array([0, 1, 4, 5, 6, 7, 8, 9])
+    is_ood = ~np.isin(y, [0, 1])
+    server = np.array([0, 1, 0, 1, 6, 7, 1, 2])  # OOD answers: 0, 1 (own), 6, 7 (right), 1 (own), 2 (other)
+    assert D.shortcut_rate(server, is_ood, [0, 1]) == pytest.approx(3 / 6)
+    assert D.shortcut_rate(server, np.zeros(8, bool), [0, 1]) is None
+
+
+def test_decomposition_adds_up_on_a_hand_made_case():
+    y = np.array([0, 0, 1, 1, 4, 5, 6, 7])
+    is_ood = ~np.isin(y, [0, 1])
+    exit_pred = np.array([0, 1, 1, 1, 0, 1, 0, 7])
+    server_pred = np.array([0, 0, 0, 1, 4, 1, 6, 0])
+    offload = np.array([False, True, True, False, True, True, False, False])
+    owner = np.array([0, 0, 1, 1, 4, 5, 6, 7])
+    d = D.decompose(y, is_ood, exit_pred, server_pred, offload, [0, 1], owner_server_pred=owner)
+    # ID: img0 kept right, img1 offloaded right, img2 offloaded wrong, img3 kept right
+    # OOD: img4 offloaded right, img5 offloaded wrong, img6 kept (exit wrong), img7 kept (exit right)
+    assert d["counts"] == {"id_kept_exit_right": 2, "id_offloaded_server_right": 1,
+                           "ood_offloaded_server_right": 1, "ood_kept_exit_right": 1}
+    assert d["accuracy"] == pytest.approx(5 / 8) == pytest.approx(d["accuracy_from_parts"])
+    assert d["ood_recall"] == 0.5 and d["id_false_offload"] == 0.5
+    assert d["server_acc_received_ood"] == 0.5 and d["server_acc_all_ood"] == 0.5
+    assert d["server_acc_received_id"] == 0.5
+    assert d["shortcut"] == 0.5  # img5 -> 1 and img7 -> 0 (own classes)
+    assert d["oracle_accuracy"] == pytest.approx((3 + 2) / 8)  # exit right on 3 ID, server right on 2 OOD
+    assert d["server_acc_ood_via_owner"] == 1.0
+    with pytest.raises(TfbitmetaError):
+        D.decompose(y, np.zeros(8, bool), exit_pred, server_pred, offload, [0, 1])
+
+
+def test_accuracy_at_p_and_across_clients():
+    assert D.accuracy_at(0, 0.9, 0.3) == 0.9
+    assert D.accuracy_at(1, 0.9, 0.3) == pytest.approx(0.6)
+    assert D.accuracy_at(0.5, 0.9, 0.3) == pytest.approx(0.7)
+    rows = [{"a": 0.9}, {"a": 0.5}, {"a": None}, {"a": 0.7}]
+    assert D.across_clients(rows, "a") == {"mean": pytest.approx(0.7), "worst": 0.5, "worst_client": 1}
+    assert D.owners([[0, 1], [1, 2]]) == {0: [0], 1: [0, 1], 2: [1]}
+
+
+def test_sweep_trades_offload_for_accuracy():
+    rng = np.random.default_rng(4)
+    y = np.r_[np.zeros(100, int), np.full(100, 5)]
+    is_ood = y == 5
+    scores = np.where(is_ood, rng.normal(-2, 1, 200), rng.normal(2, 1, 200))
+    exit_pred = np.zeros(200, int)
+    server_pred = y.copy()
+    rows = D.sweep(rng.normal(2, 1, 100), scores, y, is_ood, exit_pred, server_pred, keep_rates=(0.5, 0.9, 1.0))
+    offl = [r["offload_ratio"] for r in rows]
+    assert offl[0] > offl[1] > offl[2] == 0.0
+    assert rows[2]["accuracy"] == 0.5 and rows[1]["accuracy"] > 0.9

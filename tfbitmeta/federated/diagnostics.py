@@ -1,0 +1,144 @@
+"""Where a hybrid client's accuracy goes: the decomposition reported for every algorithm and every run
+(docs/federated.md, "Diagnostics").
+
+All functions take plain numpy arrays for one client's test set: labels ``y``, an ``is_ood`` mask (the image's
+class is not one of the client's ID classes), the exit head's and the server's predictions for *every* image (the
+server's as if every image had been offloaded), and the router's ``offload`` decision.  The accuracy under the
+hybrid rule splits exactly into four counts::
+
+    correct = ID kept & exit right + ID offloaded & server right + OOD offloaded & server right + OOD kept & exit right
+
+and the rest of the decomposition says why each part is what it is: routing recall (OOD images offloaded), false
+offload (ID images offloaded), the server's accuracy on the OOD images it received and on all of them (oracle
+routing), the *shortcut* (OOD images the server labels as one of the client's own ID classes: the server read
+who made the features, not what they show) and the accuracy with oracle routing.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tfbitmeta.errors import TfbitmetaError
+
+
+def _mean(mask_or_values) -> float | None:
+    a = np.asarray(mask_or_values)
+    return float(a.mean()) if a.size else None
+
+
+def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float | None:
+    """OOD-vs-ID AUROC of a routing score that is larger for ID images: the probability that a random OOD image
+    scores below a random ID image (ties count one half).  ``None`` when either set is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    id_scores, ood_scores = np.ravel(id_scores).astype(np.float64), np.ravel(ood_scores).astype(np.float64)
+    if id_scores.size == 0 or ood_scores.size == 0:
+        return None
+    labels = np.concatenate([np.zeros(id_scores.size), np.ones(ood_scores.size)])  # OOD is the positive class
+    return float(roc_auc_score(labels, -np.concatenate([id_scores, ood_scores])))
+
+
+def shortcut_rate(server_pred: np.ndarray, is_ood: np.ndarray, id_classes) -> float | None:
+    """Fraction of the client's OOD images that the server labels as one of the client's own ID classes (by
+    construction always wrong).  ``None`` without OOD images."""
+    server_pred, is_ood = np.asarray(server_pred), np.asarray(is_ood, bool)
+    if not is_ood.any():
+        return None
+    return float(np.isin(server_pred[is_ood], np.asarray(id_classes)).mean())
+
+
+def routing(offload: np.ndarray, is_ood: np.ndarray) -> dict:
+    """OOD recall (OOD images offloaded), ID false offload (ID images offloaded) and the offload ratio."""
+    offload, is_ood = np.asarray(offload, bool), np.asarray(is_ood, bool)
+    return {"offload_ratio": _mean(offload), "ood_recall": _mean(offload[is_ood]),
+            "id_false_offload": _mean(offload[~is_ood])}
+
+
+def decompose(y, is_ood, exit_pred, server_pred, offload, id_classes, owner_server_pred=None) -> dict:
+    """The full decomposition of one client's hybrid accuracy on one test set (fractions in [0, 1]).
+
+    ``owner_server_pred`` (optional): the server's predictions on the same OOD images computed through the front
+    end of a client that owns each image's class; with it, ``server_acc_ood_via_owner`` sits beside
+    ``server_acc_all_ood`` (through this client's own features)."""
+    y, is_ood = np.asarray(y), np.asarray(is_ood, bool)
+    exit_pred, server_pred, offload = np.asarray(exit_pred), np.asarray(server_pred), np.asarray(offload, bool)
+    if not (len(y) == len(is_ood) == len(exit_pred) == len(server_pred) == len(offload)):
+        raise TfbitmetaError("decompose: every array must have one entry per test image")
+    if np.isin(y[is_ood], id_classes).any() or not np.isin(y[~is_ood], id_classes).all():
+        raise TfbitmetaError("decompose: is_ood must mark exactly the images outside the client's ID classes")
+    n = max(len(y), 1)
+    exit_ok, server_ok = exit_pred == y, server_pred == y
+    pred = np.where(offload, server_pred, exit_pred)
+    parts = {"id_kept_exit_right": int(np.sum(~is_ood & ~offload & exit_ok)),
+             "id_offloaded_server_right": int(np.sum(~is_ood & offload & server_ok)),
+             "ood_offloaded_server_right": int(np.sum(is_ood & offload & server_ok)),
+             "ood_kept_exit_right": int(np.sum(is_ood & ~offload & exit_ok))}
+    out = {"samples": int(len(y)), "ood_samples": int(is_ood.sum()),
+           "accuracy": _mean(pred == y), "id_accuracy": _mean((pred == y)[~is_ood]),
+           "ood_accuracy": _mean((pred == y)[is_ood]),
+           **routing(offload, is_ood),
+           "exit_acc_id": _mean(exit_ok[~is_ood]),
+           "exit_acc_kept_id": _mean(exit_ok[~is_ood & ~offload]),
+           "server_acc_received_id": _mean(server_ok[~is_ood & offload]),
+           "server_acc_all_id": _mean(server_ok[~is_ood]),
+           "server_acc_received_ood": _mean(server_ok[is_ood & offload]),
+           "server_acc_all_ood": _mean(server_ok[is_ood]),
+           "shortcut": shortcut_rate(server_pred, is_ood, id_classes),
+           "oracle_accuracy": _mean(np.where(is_ood, server_ok, exit_ok)),
+           "counts": parts}
+    if sum(parts.values()) != int(np.sum(pred == y)):  # the four parts are the whole (a bug otherwise)
+        raise AssertionError("decompose: the parts do not add up to the hybrid accuracy")
+    out["accuracy_from_parts"] = sum(parts.values()) / n
+    if owner_server_pred is not None:
+        owner = np.asarray(owner_server_pred)
+        if len(owner) != len(y):
+            raise TfbitmetaError("decompose: owner_server_pred needs one entry per test image")
+        out["server_acc_ood_via_owner"] = _mean((owner == y)[is_ood])
+    return out
+
+
+def accuracy_at(p: float, id_accuracy: float, ood_accuracy: float | None) -> float:
+    """Expected hybrid accuracy on a test set with ``p`` OOD images per ID image, from the accuracy on the ID
+    images and on the OOD images: (a_ID + p a_OOD) / (1 + p).  The p = 0 / 0.5 / 1 columns of the table follow
+    from these two numbers, which is where the decomposition looks."""
+    if p < 0:
+        raise TfbitmetaError(f"OOD fraction must be >= 0 (got {p})")
+    if p == 0 or ood_accuracy is None:
+        return float(id_accuracy)
+    return float((id_accuracy + p * ood_accuracy) / (1.0 + p))
+
+
+def owners(id_classes_per_client: list) -> dict[int, list[int]]:
+    """For every class, the clients that hold it as an ID class (the 'owners' of its images)."""
+    out: dict[int, list[int]] = {}
+    for k, ids in enumerate(id_classes_per_client):
+        for c in np.asarray(ids).tolist():
+            out.setdefault(int(c), []).append(k)
+    return out
+
+
+def sweep(validation_id_scores, scores, y, is_ood, exit_pred, server_pred,
+          keep_rates=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)) -> list[dict]:
+    """Accuracy against offload over a range of target keep-local rates, each threshold calibrated on the
+    client's validation ID scores only (the operating curve of the router)."""
+    from tfbitmeta.federated.routing import calibrate_threshold
+
+    y, is_ood = np.asarray(y), np.asarray(is_ood, bool)
+    exit_pred, server_pred, scores = np.asarray(exit_pred), np.asarray(server_pred), np.asarray(scores, np.float64)
+    rows = []
+    for keep in keep_rates:
+        thr = calibrate_threshold(validation_id_scores, keep)
+        off = scores < thr
+        pred = np.where(off, server_pred, exit_pred)
+        rows.append({"keep_local": float(keep), "threshold": float(thr), "accuracy": _mean(pred == y),
+                     **routing(off, is_ood)})
+    return rows
+
+
+def across_clients(rows: list[dict], key: str) -> dict:
+    """Mean and worst client (lowest value, with its index) of one per-client metric; clients with ``None``
+    (e.g. no OOD images) are left out."""
+    vals = [(k, r[key]) for k, r in enumerate(rows) if r.get(key) is not None]
+    if not vals:
+        return {"mean": None, "worst": None, "worst_client": None}
+    k, v = min(vals, key=lambda kv: kv[1])
+    return {"mean": float(np.mean([v for _, v in vals])), "worst": float(v), "worst_client": int(k)}
