@@ -150,3 +150,39 @@ def test_sweep_trades_offload_for_accuracy():
     offl = [r["offload_ratio"] for r in rows]
     assert offl[0] > offl[1] > offl[2] == 0.0
     assert rows[2]["accuracy"] == 0.5 and rows[1]["accuracy"] > 0.9
+
+
+def test_client_scores_and_evaluate_client_end_to_end():
+    """A synthetic client: two ID classes, features that separate ID from OOD, an exit head confident on
+    everything; the calibrated Mahalanobis router finds OOD, max-softmax does not."""
+    rng = np.random.default_rng(5)
+    ids = np.array([1, 3])
+    y_test = np.repeat(np.arange(6), 100)
+    centres = rng.normal(0, 4, (6, 8))
+
+    def feats(y):
+        return centres[y] + rng.normal(0, 1, (len(y), 8))
+
+    def exit_logits(y):  # confident on one of its two classes, whatever the image
+        z = np.full((len(y), 6), -5.0)
+        z[np.arange(len(y)), np.where(y == 3, 3, 1)] = 5.0
+        return z
+    y_tr, y_val = rng.choice(ids, 400), rng.choice(ids, 100)
+    val = {"exit_logits": exit_logits(y_val), "features": feats(y_val)}
+    test = {"exit_logits": exit_logits(y_test), "features": feats(y_test)}
+    scores = R.client_scores(["max_softmax", "mahalanobis", "posterior"], id_classes=ids, validation=val, test=test,
+                             train={"features": feats(y_tr), "y": y_tr})
+    assert set(scores) == {"max_softmax", "mahalanobis"}  # no shared head: no posterior score
+    exit_pred = test["exit_logits"].argmax(1)
+    server_pred = y_test.copy()
+    owner = D.owner_predictions(y_test, [ids, np.array([0, 2, 4, 5])], [server_pred, server_pred])[0]
+    rep = D.evaluate_client(y_test, ids, exit_pred, server_pred, scores, "mahalanobis", 0.95, seed=0,
+                            owner_server_pred=owner)
+    assert rep["keep_local_validation"] >= 0.95
+    assert rep["scores"]["mahalanobis"]["auroc"] > 0.95 > rep["scores"]["max_softmax"]["auroc"]
+    assert rep["p1"]["ood_recall"] > 0.9 and rep["p1"]["accuracy"] > 0.9
+    assert rep["p0"]["ood_samples"] == 0 and rep["p1"]["ood_samples"] == rep["p1"]["samples"] // 2
+    assert rep["p1"]["server_acc_ood_via_owner"] == 1.0
+    summary = D.summarize([rep, rep])
+    assert summary["p1"]["accuracy"]["mean"] == pytest.approx(rep["p1"]["accuracy"])
+    assert summary["scores"]["mahalanobis"]["auroc"]["worst"] == pytest.approx(rep["scores"]["mahalanobis"]["auroc"])

@@ -134,11 +134,91 @@ def sweep(validation_id_scores, scores, y, is_ood, exit_pred, server_pred,
     return rows
 
 
+LOWER_IS_BETTER = frozenset({"shortcut", "id_false_offload", "offload_ratio"})
+
+
 def across_clients(rows: list[dict], key: str) -> dict:
-    """Mean and worst client (lowest value, with its index) of one per-client metric; clients with ``None``
-    (e.g. no OOD images) are left out."""
+    """Mean and worst client (with its index) of one per-client metric: the lowest value, or the highest for the
+    metrics in ``LOWER_IS_BETTER``; clients with ``None`` (e.g. no OOD images) are left out."""
     vals = [(k, r[key]) for k, r in enumerate(rows) if r.get(key) is not None]
     if not vals:
         return {"mean": None, "worst": None, "worst_client": None}
-    k, v = min(vals, key=lambda kv: kv[1])
+    k, v = (max if key in LOWER_IS_BETTER else min)(vals, key=lambda kv: kv[1])
     return {"mean": float(np.mean([v for _, v in vals])), "worst": float(v), "worst_client": int(k)}
+
+
+def evaluate_client(y_test, id_classes, exit_pred, server_pred, scores: dict, router: str, keep_local: float,
+                    seed: int, ood_fractions=(0.0, 0.5, 1.0), owner_server_pred=None,
+                    fixed_threshold: float | None = None) -> dict:
+    """One client's report on the shared test set.
+
+    ``exit_pred`` / ``server_pred``: the client's exit-head and server predictions on *every* test image;
+    ``scores``: ``{kind: (validation ID scores, test scores)}`` (:func:`routing.client_scores`); ``router``: the
+    score that decides; its threshold comes from the validation ID scores alone (``keep_local``), or is
+    ``fixed_threshold`` (the uncalibrated SplitGP-style rule).  Each OOD fraction p gets the client's test set of
+    the usual protocol (all its ID test images + p times as many random OOD images) and the full decomposition;
+    AUROC, recall and false offload are reported for every score on all ID vs all OOD test images."""
+    from tfbitmeta.federated import partition
+    from tfbitmeta.federated.routing import Router
+
+    y_test = np.asarray(y_test)
+    is_ood_all = ~np.isin(y_test, id_classes)
+    if router not in scores:
+        raise TfbitmetaError(f"no {router!r} scores for this client (available: {', '.join(scores) or 'none'})")
+    val, test = scores[router]
+    r = Router(router, keep_local=keep_local)
+    if fixed_threshold is None:
+        r.calibrate(val)
+    else:
+        r.threshold = float(fixed_threshold)
+    offload = r.offload(test)
+    out = {"router": router, "threshold": r.threshold, "keep_local_target": keep_local,
+           "keep_local_validation": float(1 - r.offload(val).mean()), "scores": {}}
+    for kind, (v, t) in scores.items():
+        rk = Router(kind, keep_local=keep_local).calibrate(v)
+        out["scores"][kind] = {"auroc": auroc(t[~is_ood_all], t[is_ood_all]),
+                               **routing(rk.offload(t), is_ood_all)}
+    for p in ood_fractions:
+        idx, is_ood = partition.test_indices(y_test, np.asarray(id_classes), p, seed)
+        out[f"p{p:g}"] = decompose(y_test[idx], is_ood, exit_pred[idx], server_pred[idx], offload[idx], id_classes,
+                                   None if owner_server_pred is None else np.asarray(owner_server_pred)[idx])
+        if p == max(ood_fractions):
+            out["sweep"] = sweep(val, test[idx], y_test[idx], is_ood, exit_pred[idx], server_pred[idx])
+    return out
+
+
+def owner_predictions(y_test, id_classes_per_client: list, server_preds: list) -> list:
+    """For client k, the server's prediction on each test image computed through the front end of a client that
+    owns the image's class (the first other owner; the client itself for its own ID images); -1 when no client
+    owns the class."""
+    y_test = np.asarray(y_test)
+    own = owners(id_classes_per_client)
+    out = []
+    for k in range(len(server_preds)):
+        pred = np.full(len(y_test), -1, np.int64)
+        for c in np.unique(y_test):
+            holders = [j for j in own.get(int(c), []) if j != k] or own.get(int(c), [])
+            if holders:
+                sel = y_test == c
+                pred[sel] = np.asarray(server_preds[holders[0]])[sel]
+        out.append(pred)
+    return out
+
+
+SUMMARY_KEYS = ("accuracy", "id_accuracy", "ood_accuracy", "offload_ratio", "ood_recall", "id_false_offload",
+                "exit_acc_kept_id", "server_acc_received_id", "server_acc_received_ood", "server_acc_all_ood",
+                "server_acc_ood_via_owner", "shortcut", "oracle_accuracy")
+
+
+def summarize(clients: list[dict], ood_fractions=(0.0, 0.5, 1.0)) -> dict:
+    """Mean and worst client of every decomposition entry at every p, and the mean AUROC / recall / false offload
+    of every routing score."""
+    out = {}
+    for p in ood_fractions:
+        key = f"p{p:g}"
+        rows = [c[key] for c in clients]
+        out[key] = {m: across_clients(rows, m) for m in SUMMARY_KEYS if any(r.get(m) is not None for r in rows)}
+    kinds = clients[0]["scores"].keys() if clients else []
+    out["scores"] = {kind: {m: across_clients([c["scores"][kind] for c in clients], m)
+                            for m in ("auroc", "ood_recall", "id_false_offload")} for kind in kinds}
+    return out

@@ -86,13 +86,19 @@ class Mahalanobis:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         f = _flat(features)
-        d = f[:, None, :] - self.means[None]                    # (n, classes, d)
-        dist = np.einsum("ncd,de,nce->nc", d, self.precision, d)
+        fp = f @ self.precision
+        # (f - m)' P (f - m) = f'Pf - 2 m'Pf + m'Pm, for every class mean m
+        dist = (fp * f).sum(1)[:, None] - 2.0 * fp @ self.means.T + np.einsum("cd,de,ce->c", self.means,
+                                                                              self.precision, self.means)[None]
         return -dist.min(axis=1)
 
 
 def _flat(features: np.ndarray) -> np.ndarray:
+    """One vector per image: feature maps (n, h, w, c) are average-pooled over space first (the class-mean
+    statistics of a few thousand ID images cannot support an h*w*c-dimensional covariance)."""
     f = np.asarray(features, np.float64)
+    if f.ndim == 4:
+        f = f.mean(axis=(1, 2))
     return f.reshape(len(f), -1)
 
 
@@ -184,3 +190,25 @@ def hold_out_validation(train_indices: np.ndarray, labels: np.ndarray, fraction:
         val.append(mine[:n_val])
         train.append(mine[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def client_scores(kinds, *, id_classes, validation: dict, test: dict, train: dict | None = None) -> dict:
+    """Every routing score in ``kinds`` for one client's validation ID images and test images.
+
+    ``validation`` / ``test`` hold what the client computes on device for those images: ``exit_logits`` (its exit
+    head), ``features`` (the shared features it would send to the server) and, when the federation trains one,
+    ``shared_logits`` (the shared all-class head).  ``train`` (``features`` and labels ``y`` of the client's own
+    training ID images) fits the Mahalanobis class means and covariance.  Returns ``{kind: (val, test)}``."""
+    out = {}
+    maha = None
+    for kind in kinds:
+        if kind == "mahalanobis":
+            if train is None:
+                raise TfbitmetaError("routing score 'mahalanobis' needs the client's training features and labels")
+            maha = maha or Mahalanobis.fit(train["features"], train["y"])
+        if kind == "posterior" and validation.get("shared_logits") is None:
+            continue  # the algorithm trains no shared head
+        out[kind] = tuple(score(kind, exit_logits=d.get("exit_logits"), features=d.get("features"),
+                                shared_logits=d.get("shared_logits"), id_classes=id_classes, mahalanobis=maha)
+                          for d in (validation, test))
+    return out
