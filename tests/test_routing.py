@@ -167,16 +167,23 @@ def test_client_scores_and_evaluate_client_end_to_end():
         z = np.full((len(y), 6), -5.0)
         z[np.arange(len(y)), np.where(y == 3, 3, 1)] = 5.0
         return z
+    idx, is_ood = D.test_images(y_test, ids, 1.0, seed=0)
+    assert is_ood.sum() == (~is_ood).sum() == 200 and not np.isin(y_test[idx][is_ood], ids).any()
+    assert len(D.at_fraction(is_ood, 0.5)) == 300
+    y = y_test[idx]
     y_tr, y_val = rng.choice(ids, 400), rng.choice(ids, 100)
     val = {"exit_logits": exit_logits(y_val), "features": feats(y_val)}
-    test = {"exit_logits": exit_logits(y_test), "features": feats(y_test)}
+    test = {"exit_logits": exit_logits(y), "features": feats(y)}
     scores = R.client_scores(["max_softmax", "mahalanobis", "posterior"], id_classes=ids, validation=val, test=test,
                              train={"features": feats(y_tr), "y": y_tr})
     assert set(scores) == {"max_softmax", "mahalanobis"}  # no shared head: no posterior score
     exit_pred = test["exit_logits"].argmax(1)
-    server_pred = y_test.copy()
-    owner = D.owner_predictions(y_test, [ids, np.array([0, 2, 4, 5])], [server_pred, server_pred])[0]
-    rep = D.evaluate_client(y_test, ids, exit_pred, server_pred, scores, "mahalanobis", 0.95, seed=0,
+    server_pred = y.copy()
+    # a second client owning every other class, whose server path is always right
+    other = np.flatnonzero(~np.isin(y_test, ids))
+    owner = D.owner_predictions(y_test, [ids, np.array([0, 2, 4, 5])], [idx, other], [server_pred, y_test[other]])[0]
+    assert np.array_equal(owner, y)
+    rep = D.evaluate_client(y, is_ood, ids, exit_pred, server_pred, scores, "mahalanobis", 0.95,
                             owner_server_pred=owner)
     assert rep["keep_local_validation"] >= 0.95
     assert rep["scores"]["mahalanobis"]["auroc"] > 0.95 > rep["scores"]["max_softmax"]["auroc"]

@@ -147,22 +147,47 @@ def across_clients(rows: list[dict], key: str) -> dict:
     return {"mean": float(np.mean([v for _, v in vals])), "worst": float(v), "worst_client": int(k)}
 
 
-def evaluate_client(y_test, id_classes, exit_pred, server_pred, scores: dict, router: str, keep_local: float,
-                    seed: int, ood_fractions=(0.0, 0.5, 1.0), owner_server_pred=None,
-                    fixed_threshold: float | None = None) -> dict:
-    """One client's report on the shared test set.
+def test_images(y_test, id_classes, max_ood_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images a client is evaluated on: all test images of its ID classes, then ``round(p_max * n_ID)`` random
+    images of the other classes in random order (``(indices into the test set, is_ood)``).  The test set at OOD
+    fraction p <= p_max is the ID images plus the first ``round(p * n_ID)`` of those OOD images
+    (:func:`at_fraction`), so the sets are nested and every image is run through the models once."""
+    y_test = np.asarray(y_test)
+    rng = np.random.default_rng(seed)
+    id_idx = np.flatnonzero(np.isin(y_test, id_classes))
+    pool = np.flatnonzero(~np.isin(y_test, id_classes))
+    n_ood = min(len(pool), int(round(max_ood_fraction * len(id_idx))))
+    ood_idx = rng.choice(pool, n_ood, replace=False) if n_ood else np.array([], np.int64)
+    return (np.concatenate([id_idx, ood_idx]).astype(np.int64),
+            np.concatenate([np.zeros(len(id_idx), bool), np.ones(len(ood_idx), bool)]))
 
-    ``exit_pred`` / ``server_pred``: the client's exit-head and server predictions on *every* test image;
+
+def at_fraction(is_ood: np.ndarray, p: float) -> np.ndarray:
+    """Positions (into the arrays of :func:`test_images`) of the test set at OOD fraction ``p``."""
+    is_ood = np.asarray(is_ood, bool)
+    n_id = int((~is_ood).sum())
+    ood = np.flatnonzero(is_ood)
+    n = int(round(p * n_id))
+    if n > len(ood):
+        raise TfbitmetaError(f"OOD fraction {p} needs {n} OOD images, only {len(ood)} were drawn")
+    return np.concatenate([np.flatnonzero(~is_ood), ood[:n]])
+
+
+def evaluate_client(y, is_ood, id_classes, exit_pred, server_pred, scores: dict, router: str, keep_local: float,
+                    ood_fractions=(0.0, 0.5, 1.0), owner_server_pred=None, fixed_threshold: float | None = None
+                    ) -> dict:
+    """One client's report on its test images (:func:`test_images`; every array is aligned with them).
+
+    ``exit_pred`` / ``server_pred``: the client's exit-head and server predictions on every image;
     ``scores``: ``{kind: (validation ID scores, test scores)}`` (:func:`routing.client_scores`); ``router``: the
     score that decides; its threshold comes from the validation ID scores alone (``keep_local``), or is
-    ``fixed_threshold`` (the uncalibrated SplitGP-style rule).  Each OOD fraction p gets the client's test set of
-    the usual protocol (all its ID test images + p times as many random OOD images) and the full decomposition;
-    AUROC, recall and false offload are reported for every score on all ID vs all OOD test images."""
-    from tfbitmeta.federated import partition
+    ``fixed_threshold`` (the uncalibrated SplitGP-style rule).  Every OOD fraction p gets the full decomposition;
+    AUROC, recall and false offload are reported for every score (each calibrated the same way) on all the
+    client's ID vs OOD test images."""
     from tfbitmeta.federated.routing import Router
 
-    y_test = np.asarray(y_test)
-    is_ood_all = ~np.isin(y_test, id_classes)
+    y, is_ood = np.asarray(y), np.asarray(is_ood, bool)
+    exit_pred, server_pred = np.asarray(exit_pred), np.asarray(server_pred)
     if router not in scores:
         raise TfbitmetaError(f"no {router!r} scores for this client (available: {', '.join(scores) or 'none'})")
     val, test = scores[router]
@@ -175,32 +200,38 @@ def evaluate_client(y_test, id_classes, exit_pred, server_pred, scores: dict, ro
     out = {"router": router, "threshold": r.threshold, "keep_local_target": keep_local,
            "keep_local_validation": float(1 - r.offload(val).mean()), "scores": {}}
     for kind, (v, t) in scores.items():
+        t = np.asarray(t)
         rk = Router(kind, keep_local=keep_local).calibrate(v)
-        out["scores"][kind] = {"auroc": auroc(t[~is_ood_all], t[is_ood_all]),
-                               **routing(rk.offload(t), is_ood_all)}
+        out["scores"][kind] = {"auroc": auroc(t[~is_ood], t[is_ood]), **routing(rk.offload(t), is_ood)}
     for p in ood_fractions:
-        idx, is_ood = partition.test_indices(y_test, np.asarray(id_classes), p, seed)
-        out[f"p{p:g}"] = decompose(y_test[idx], is_ood, exit_pred[idx], server_pred[idx], offload[idx], id_classes,
-                                   None if owner_server_pred is None else np.asarray(owner_server_pred)[idx])
-        if p == max(ood_fractions):
-            out["sweep"] = sweep(val, test[idx], y_test[idx], is_ood, exit_pred[idx], server_pred[idx])
+        sel = at_fraction(is_ood, p)
+        out[f"p{p:g}"] = decompose(y[sel], is_ood[sel], exit_pred[sel], server_pred[sel], offload[sel], id_classes,
+                                   None if owner_server_pred is None else np.asarray(owner_server_pred)[sel])
+    sel = at_fraction(is_ood, max(ood_fractions))
+    out["sweep"] = sweep(val, np.asarray(test)[sel], y[sel], is_ood[sel], exit_pred[sel], server_pred[sel])
     return out
 
 
-def owner_predictions(y_test, id_classes_per_client: list, server_preds: list) -> list:
-    """For client k, the server's prediction on each test image computed through the front end of a client that
-    owns the image's class (the first other owner; the client itself for its own ID images); -1 when no client
-    owns the class."""
+def owner_predictions(y_test, id_classes_per_client: list, test_indices: list, server_preds: list) -> list:
+    """For client k and each of its test images, the server's prediction through the front end of a client that
+    owns the image's class (the first other owner; k itself for its own ID images), -1 where no owner evaluated
+    that image.  ``test_indices[k]`` / ``server_preds[k]``: client k's test images and its server predictions."""
     y_test = np.asarray(y_test)
+    full = []
+    for idx, pred in zip(test_indices, server_preds):
+        a = np.full(len(y_test), -1, np.int64)
+        a[np.asarray(idx)] = np.asarray(pred)
+        full.append(a)
     own = owners(id_classes_per_client)
     out = []
-    for k in range(len(server_preds)):
-        pred = np.full(len(y_test), -1, np.int64)
-        for c in np.unique(y_test):
+    for k, idx in enumerate(test_indices):
+        idx = np.asarray(idx)
+        pred = np.full(len(idx), -1, np.int64)
+        for c in np.unique(y_test[idx]):
             holders = [j for j in own.get(int(c), []) if j != k] or own.get(int(c), [])
             if holders:
-                sel = y_test == c
-                pred[sel] = np.asarray(server_preds[holders[0]])[sel]
+                sel = y_test[idx] == c
+                pred[sel] = full[holders[0]][idx[sel]]
         out.append(pred)
     return out
 
