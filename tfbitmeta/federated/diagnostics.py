@@ -1,5 +1,5 @@
 """Where a hybrid client's accuracy goes: the decomposition reported for every algorithm and every run
-(docs/federated.md, "Diagnostics").
+(docs/harmony.md, "Diagnostics").
 
 All functions take plain numpy arrays for one client's test set: labels ``y``, an ``is_ood`` mask (the image's
 class is not one of the client's ID classes), the exit head's and the server's predictions for *every* image (the
@@ -181,13 +181,28 @@ def evaluate_client(y, is_ood, id_classes, exit_pred, server_pred, scores: dict,
     ``exit_pred`` / ``server_pred``: the client's exit-head and server predictions on every image;
     ``scores``: ``{kind: (validation ID scores, test scores)}`` (:func:`routing.client_scores`); ``router``: the
     score that decides; its threshold comes from the validation ID scores alone (``keep_local``), or is
-    ``fixed_threshold`` (the uncalibrated SplitGP-style rule).  Every OOD fraction p gets the full decomposition;
+    ``fixed_threshold`` (the uncalibrated SplitGP-style rule); ``"local"`` / ``"server"``: no routing, always the
+    exit head (local-only, FedAvg) or always the server (a centralized model).  Every OOD fraction p gets the full
+    decomposition;
     AUROC, recall and false offload are reported for every score (each calibrated the same way) on all the
     client's ID vs OOD test images."""
     from tfbitmeta.federated.routing import Router
 
     y, is_ood = np.asarray(y), np.asarray(is_ood, bool)
     exit_pred, server_pred = np.asarray(exit_pred), np.asarray(server_pred)
+    if router in ("local", "server"):  # no routing: always the exit head (local-only, FedAvg) or the server
+        offload = np.full(len(y), router == "server")
+        out = {"router": router, "threshold": None, "keep_local_target": None, "keep_local_validation": None,
+               "scores": {}}
+        for kind, (v, t) in scores.items():
+            t = np.asarray(t)
+            out["scores"][kind] = {"auroc": auroc(t[~is_ood], t[is_ood])}
+        for p in ood_fractions:
+            sel = at_fraction(is_ood, p)
+            out[f"p{p:g}"] = decompose(y[sel], is_ood[sel], exit_pred[sel], server_pred[sel], offload[sel],
+                                       id_classes, None if owner_server_pred is None
+                                       else np.asarray(owner_server_pred)[sel])
+        return out
     if router not in scores:
         raise TfbitmetaError(f"no {router!r} scores for this client (available: {', '.join(scores) or 'none'})")
     val, test = scores[router]

@@ -1,5 +1,5 @@
 """Early-exit routing: which test images a client answers with its own exit head and which it offloads to the
-server backend (docs/federated.md, "Routing").
+server backend (docs/harmony.md, "Routing").
 
 A *score* is larger for images that look in-distribution (ID) to the client.  A :class:`Router` turns a score into
 the offload decision with one threshold per client, calibrated on that client's own **validation ID data only**

@@ -1,0 +1,395 @@
+"""Benchmark of hybrid split FL against its claim (issue 13): HARMONY-style training with shared-path features and
+calibrated routing vs SplitGP (heterogeneous and homogeneous clients), FedAvg, local-only, centralized and the
+ablations, at one equal budget of client steps, on two datasets and several seeds.
+
+Per algorithm: accuracy at OOD fraction p = 0 / 0.5 / 1 (mean and worst client), offload, modelled latency, the
+decomposition (routing recall, false offload, server accuracy on received / all OOD, via the owner's front end,
+shortcut, oracle routing), every routing score's AUROC, budget and wall time; the targets side by side; PNGs of
+p = 1 accuracy vs rounds and of accuracy vs offload (threshold sweep).  Writes ``<out>/<name>.json`` and ``.png``
+(curves) and ``<name>_sweep.png``.
+
+    uv run python tools/bench_harmony.py --quick --out /tmp/h          # a smoke run (digits, 2 rounds)
+    nice -n 10 uv run python tools/bench_harmony.py                    # the committed numbers (benchmarks/README.md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+from tfbitmeta.federated import diagnostics as D  # noqa: E402
+from tfbitmeta.federated import routing as R  # noqa: E402
+from tfbitmeta.federated.latency import LatencyModel  # noqa: E402
+
+OOD_FRACTIONS = (0.0, 0.5, 1.0)
+SCORE_KINDS = ("max_softmax", "energy", "mahalanobis", "posterior")
+
+
+# -- the runs ------------------------------------------------------------------------------------------------
+def run(adapter, name: str, dataset: str, seed: int, args) -> dict:
+    """Train one algorithm, evaluating every ``eval_every`` rounds (the curve) and at the end (the report)."""
+    t0 = time.perf_counter()
+    job = adapter.start(name, dataset, seed, args)
+    curve, train_s = [], 0.0
+    for r in range(args.rounds):
+        t = time.perf_counter()
+        job.run_round(r)
+        train_s += time.perf_counter() - t
+        if (r + 1) % args.eval_every == 0 or r + 1 == args.rounds:
+            rep = evaluate(job, args)
+            curve.append({"round": r + 1, "train_seconds": train_s,
+                          **{f"acc_p{p:g}": rep["summary"][f"p{p:g}"]["accuracy"]["mean"] for p in OOD_FRACTIONS}})
+            print(f"  {dataset} seed {seed} {name} round {r + 1}: p=0 {100 * curve[-1]['acc_p0']:.1f} "
+                  f"p=1 {100 * curve[-1]['acc_p1']:.1f} ({train_s:.0f} s)", flush=True)
+    job.close()
+    rep["curve"] = curve
+    rep["budget"] = job.budget()
+    rep["train_seconds"] = train_s
+    rep["wall_seconds"] = time.perf_counter() - t0
+    rep["round_seconds_median"] = float(np.median(job.round_seconds())) if job.round_seconds() else None
+    return rep
+
+
+def evaluate(job, args) -> dict:
+    """Every client's outputs -> routing scores -> per-client reports -> the across-client summary."""
+    outs = job.client_outputs(args.keep_local)
+    idx = [o["test_indices"] for o in outs]
+    owner = D.owner_predictions(job.y_test, [o["id_classes"] for o in outs], idx,
+                                [o["test"]["server_logits"].argmax(1) for o in outs])
+    lat = LatencyModel()
+    clients = []
+    for k, o in enumerate(outs):
+        scores = R.client_scores([s for s in SCORE_KINDS if o["validation"].get("exit_logits") is not None],
+                                 id_classes=o["id_classes"], validation=o["validation"], test=o["test"],
+                                 train=o["train"])
+        y = job.y_test[o["test_indices"]]
+        rep = D.evaluate_client(y, o["is_ood"], o["id_classes"], o["test"]["exit_logits"].argmax(1),
+                                o["test"]["server_logits"].argmax(1), scores, o["router"], args.keep_local,
+                                OOD_FRACTIONS, owner_server_pred=owner[k], fixed_threshold=o.get("fixed_threshold"))
+        for p in OOD_FRACTIONS:
+            d = rep[f"p{p:g}"]
+            d["latency_ms"] = lat.mean_ms(k, o["client_flops"], d["offload_ratio"], o["feature_elements"], o["bits"],
+                                          o["server_flops"])
+        rep.update(client=k, architecture=o["architecture"], bits=o["bits"], id_classes=list(map(int, o["id_classes"])))
+        clients.append(rep)
+    summary = D.summarize(clients, OOD_FRACTIONS)
+    for p in OOD_FRACTIONS:
+        summary[f"p{p:g}"]["latency_ms"] = D.across_clients([c[f"p{p:g}"] for c in clients], "latency_ms")
+    return {"clients": clients, "summary": summary, "latency_model": lat.describe()}
+
+
+# -- tables over seeds and the targets -----------------------------------------------------------------------
+ROW = {  # column -> (p, decomposition key, "mean" | "worst")
+    "acc_p0": ("p0", "accuracy", "mean"), "acc_p0_worst": ("p0", "accuracy", "worst"),
+    "acc_p0.5": ("p0.5", "accuracy", "mean"), "acc_p1": ("p1", "accuracy", "mean"),
+    "acc_p1_worst": ("p1", "accuracy", "worst"), "offload_p1": ("p1", "offload_ratio", "mean"),
+    "latency_ms_p1": ("p1", "latency_ms", "mean"), "ood_recall": ("p1", "ood_recall", "mean"),
+    "id_false_offload": ("p1", "id_false_offload", "mean"),
+    "server_acc_received_id": ("p1", "server_acc_received_id", "mean"),
+    "server_acc_received_ood": ("p1", "server_acc_received_ood", "mean"),
+    "server_acc_all_ood": ("p1", "server_acc_all_ood", "mean"),
+    "server_acc_ood_via_owner": ("p1", "server_acc_ood_via_owner", "mean"),
+    "shortcut": ("p1", "shortcut", "mean"), "oracle_p1": ("p1", "oracle_accuracy", "mean"),
+}
+PERCENT = set(ROW) - {"latency_ms_p1"}
+
+
+def row(rep: dict) -> dict:
+    s = rep["summary"]
+    out = {}
+    for col, (p, key, which) in ROW.items():
+        v = s[p].get(key, {}).get(which)
+        out[col] = None if v is None else (100 * v if col in PERCENT else v)
+    router = rep["clients"][0]["router"]
+    out["router"] = router
+    out["auroc"] = s["scores"].get(router, {}).get("auroc", {}).get("mean") if router in s["scores"] else None
+    for kind, m in s["scores"].items():
+        out[f"auroc_{kind}"] = m["auroc"]["mean"]
+    out["client_steps"] = rep["budget"]["client_steps"]
+    out["train_seconds"] = rep["train_seconds"]
+    out["wall_seconds"] = rep["wall_seconds"]
+    return out
+
+
+def over_seeds(rows: list[dict]) -> dict:
+    """Mean, min and max over the seeds of every numeric column."""
+    out = {}
+    for col in rows[0]:
+        vals = [r[col] for r in rows if isinstance(r.get(col), (int, float)) and r.get(col) is not None]
+        if vals and len(vals) == len(rows):
+            out[col] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals))}
+        else:
+            out[col] = rows[0][col]
+    return out
+
+
+def per_client_gap(runs_a: list[dict], runs_b: list[dict], p: str = "p0") -> dict:
+    """Client-by-client accuracy of A minus B (same seed, same clients): mean and worst over clients and seeds."""
+    gaps = [100 * (ca[p]["accuracy"] - cb[p]["accuracy"]) for ra, rb in zip(runs_a, runs_b)
+            for ca, cb in zip(ra["clients"], rb["clients"])]
+    return {"mean": float(np.mean(gaps)), "worst": float(min(gaps))}
+
+
+def targets(table: dict, runs: dict, ours: str) -> dict:
+    t = {}
+
+    def m(alg, col):
+        v = table.get(alg, {}).get(col)
+        return v["mean"] if isinstance(v, dict) else None
+
+    def add(name, value, target, ok):
+        if value is not None:
+            t[name] = {"value": value, "target": target, "met": bool(ok(value))}
+    a = m(ours, "acc_p1")
+    for base, need in (("splitgp", 20.0), ("fedavg", 10.0)):
+        if a is not None and m(base, "acc_p1") is not None:
+            add(f"with_ood_vs_{base}_pp", a - m(base, "acc_p1"), f">= +{need:g}", lambda v, n=need: v >= n)
+    if m(ours, "acc_p0") is not None and m("local", "acc_p0") is not None:
+        add("id_vs_local_mean_pp", m(ours, "acc_p0") - m("local", "acc_p0"), ">= 0", lambda v: v >= 0)
+        add("id_vs_local_worst_client_pp", per_client_gap(runs[ours], runs["local"])["worst"], ">= -2",
+            lambda v: v >= -2)
+    if a is not None and m("centralized", "acc_p1") is not None:
+        add("p1_gap_to_centralized_pp", m("centralized", "acc_p1") - a, "<= 5", lambda v: v <= 5)
+    add("shortcut_percent", m(ours, "shortcut"), "<= 10", lambda v: v <= 10)
+    add("routing_auroc", m(ours, "auroc"), ">= 0.95", lambda v: v >= 0.95)
+    if m(ours, "latency_ms_p1") is not None and m("splitgp", "latency_ms_p1") is not None:
+        add("latency_ms_p1_minus_splitgp", m(ours, "latency_ms_p1") - m("splitgp", "latency_ms_p1"), "< 0",
+            lambda v: v < 0)
+    return t
+
+
+# -- plots ---------------------------------------------------------------------------------------------------
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(results)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4.8), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for alg, runs in results[ds]["runs"].items():
+            rounds = [c["round"] for c in runs[0]["curve"]]
+            acc = np.array([[100 * c["acc_p1"] for c in r["curve"]] for r in runs])
+            line, = ax.plot(rounds, acc.mean(0), ".-", label=alg, lw=1.2)
+            if len(runs) > 1:
+                ax.fill_between(rounds, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("round (equal client steps per round for every algorithm)")
+        ax.set_ylabel("mean client accuracy with OOD, p = 1 (%)")
+        ax.set_title(f"{ds}: accuracy vs rounds (band: seeds min-max)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(results)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4.8), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for alg, runs in results[ds]["runs"].items():
+            if "sweep" not in runs[0]["clients"][0]:
+                acc = np.mean([100 * r["summary"]["p1"]["accuracy"]["mean"] for r in runs])
+                ax.axhline(acc, ls=":", lw=1, color="gray")
+                ax.text(1, acc, f" {alg}", fontsize=7, va="bottom", color="gray")
+                continue
+            keep = [row_["keep_local"] for row_ in runs[0]["clients"][0]["sweep"]]
+            acc = np.mean([[np.mean([c["sweep"][i]["accuracy"] for c in r["clients"]]) for i in range(len(keep))]
+                           for r in runs], axis=0)
+            off = np.mean([[np.mean([c["sweep"][i]["offload_ratio"] for c in r["clients"]]) for i in range(len(keep))]
+                           for r in runs], axis=0)
+            ax.plot(100 * off, 100 * acc, "o-", ms=3, label=alg)
+        ax.set_xlabel("offload ratio at p = 1 (%) (router thresholds: target keep-local 50-100 % of validation ID)")
+        ax.set_ylabel("mean client accuracy, p = 1 (%)")
+        ax.set_title(f"{ds}: accuracy vs offload")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    cols = ["acc_p0", "acc_p0_worst", "acc_p0.5", "acc_p1", "acc_p1_worst", "offload_p1", "latency_ms_p1",
+            "ood_recall", "id_false_offload", "server_acc_received_ood", "server_acc_all_ood",
+            "server_acc_ood_via_owner", "shortcut", "oracle_p1", "auroc"]
+    lines = []
+    for ds, res in results.items():
+        lines += [f"\n{ds} (mean over seeds {res['seeds']}; [min, max])", "",
+                  "| algorithm | " + " | ".join(cols) + " | wall s |", "|---" * (len(cols) + 2) + "|"]
+        for alg, r in res["table"].items():
+            cells = []
+            for c in cols:
+                v = r.get(c)
+                if not isinstance(v, dict):
+                    cells.append("-")
+                    continue
+                f = ".3f" if c == "auroc" else ".1f"
+                spread = "" if v["min"] == v["max"] else f" [{v['min']:{f}}, {v['max']:{f}}]"
+                cells.append(f"{v['mean']:{f}}{spread}")
+            lines.append(f"| {alg} | " + " | ".join(cells) + f" | {r['wall_seconds']['mean']:.0f} |")
+        lines.append("")
+        for name, t in res["targets"].items():
+            lines.append(f"- {name}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def _json(o):
+    return o.item() if isinstance(o, np.generic) else o.tolist() if isinstance(o, np.ndarray) else str(o)
+
+
+# -- the stack under test -----------------------------------------------------------------------------------
+ORDER = ["harmony", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner", "harmony-max-softmax",
+         "splitgp", "splitgp-homogeneous", "fedavg", "local", "centralized"]
+SPLITGP_CONFIDENCE = 0.8  # SplitGP's fixed confidence rule (uncalibrated), kept as SplitGP's own router
+
+
+class Job:
+    """One algorithm's run on the current simulation, with a validation split held out of every client's data
+    (the router's calibration set)."""
+
+    def __init__(self, name: str, dataset: str, seed: int, args):
+        from tfbitmeta.federated.simulation import ALGORITHMS, SimConfig, Simulation
+
+        base = name.replace("-homogeneous", "").replace("-max-softmax", "")
+        archs, bits = "cnn-w1,cnn-w05,mobilenet", "2,4,8"
+        if name.endswith("-homogeneous"):  # same architecture and bitwidth everywhere: no representation skew
+            archs, bits = "cnn-w1", "4"
+        self.name, self.alg = name, ALGORITHMS[base]
+        self.sim = Simulation(SimConfig(algorithm=base, dataset=dataset, clients=args.clients, rounds=args.rounds,
+                                        local_steps=args.local_steps, batch_size=args.batch_size,
+                                        architectures=archs, bits=bits, engine="tf", seed=seed), progress=False)
+        sim = self.sim
+        self.val = []
+        for k, part in enumerate(sim.parts):
+            part.train, val = R.hold_out_validation(part.train, sim.y_train, 0.1, seed + 1000 + k)
+            self.val.append(val)
+        if self.alg["centralized"]:
+            held = np.concatenate(self.val)
+            sim.learners[0].train = np.setdiff1d(sim.learners[0].train, held)
+        self.y_test = sim.y_test
+        self.seed = seed
+        self.router = ("server" if self.alg["centralized"] else "local" if not self.alg["split"]
+                       else "max_softmax" if base == "splitgp" or name.endswith("-max-softmax") else "mahalanobis")
+
+    def run_round(self, r: int) -> None:
+        self.sim.run_round(r)
+
+    def round_seconds(self) -> list:
+        return [h["seconds"] for h in self.sim.history[1:]]
+
+    def budget(self) -> dict:
+        cfg = self.sim.cfg
+        steps = len(self.sim.history) * cfg.local_steps * cfg.clients
+        return {"client_steps": steps, "examples": steps * cfg.batch_size, "rounds": len(self.sim.history),
+                "local_steps": cfg.local_steps, "batch_size": cfg.batch_size}
+
+    def close(self) -> None:
+        self.sim.executor.close()
+
+    def client_outputs(self, keep_local: float) -> list:
+        import tensorflow as tf
+
+        from tfbitmeta.federated import architectures as A
+        from tfbitmeta.federated import backend
+
+        sim = self.sim
+        server_flops = backend.flops(sim.server_w, sim.feature_shape)
+        outs = []
+        for k in range(sim.cfg.clients):
+            w, arch, head, b = sim.front_end(k)
+            bits = tf.constant(np.array([b, b], np.float32))
+
+            def run(x):
+                feats = A.extract(w, arch, tf.constant(x), bits)
+                exit_logits = A.exit_logits(head, feats, bits).numpy()
+                server = (backend.logits({n: tf.constant(v) for n, v in sim.server_w.items()}, feats).numpy()
+                          if self.alg["split"] else exit_logits)  # no server: its columns describe the one model
+                return {"features": feats.numpy(), "exit_logits": exit_logits, "server_logits": server}
+            ids = sim.parts[k].id_classes
+            idx, is_ood = D.test_images(sim.y_test, ids, max(OOD_FRACTIONS), self.seed + k)
+            tr = sim.parts[k].train[:1000]
+            outs.append({"id_classes": ids, "test_indices": idx, "is_ood": is_ood,
+                         "validation": run(sim.x_train[self.val[k]]), "test": run(sim.x_test[idx]),
+                         "train": {"features": run(sim.x_train[tr])["features"], "y": sim.y_train[tr]},
+                         "router": self.router,
+                         "fixed_threshold": SPLITGP_CONFIDENCE if self.router == "max_softmax" else None,
+                         "architecture": arch.name, "bits": b,
+                         "client_flops": A.flops(arch, sim.x_train.shape[1:])
+                         + 2.0 * np.prod(sim.feature_shape) * sim.num_classes,
+                         "feature_elements": int(np.prod(sim.feature_shape)), "server_flops": server_flops})
+        return outs
+
+
+class Adapter:
+    def start(self, name, dataset, seed, args):
+        return Job(name, dataset, seed, args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="fashion_mnist,digits")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--algorithms", default=",".join(ORDER))
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--keep-local", type=float, default=0.95,
+                    help="target share of a client's validation ID images answered locally (router calibration)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: digits, 4 clients, 2 rounds, one seed")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--name", default="harmony")
+    args = ap.parse_args()
+    if args.quick:
+        args.datasets, args.seeds, args.clients, args.rounds, args.eval_every = "digits", "0", 4, 2, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    adapter = Adapter()
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    results = {}
+    t_all = time.perf_counter()
+    for ds in [d for d in args.datasets.split(",") if d]:
+        runs = {a: [] for a in algorithms}
+        for seed in seeds:
+            for alg in algorithms:
+                runs[alg].append(run(adapter, alg, ds, seed, args))
+        table = {a: over_seeds([row(r) for r in rs]) for a, rs in runs.items()}
+        results[ds] = {"seeds": seeds, "table": table, "runs": runs,
+                       "targets": targets(table, runs, "harmony") if "harmony" in runs else {}}
+        if "local" in runs and "harmony" in runs:
+            results[ds]["id_vs_local_per_client_pp"] = per_client_gap(runs["harmony"], runs["local"])
+        _write(args, results, t_all)
+    print(markdown(results))
+
+
+def _write(args, results: dict, t_all: float) -> None:
+    meta = {"command": "uv run python tools/bench_harmony.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "name", "quick")),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "total_seconds": time.perf_counter() - t_all,
+            "budget": {"rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
+                       "clients": args.clients}}
+    path = args.out / f"{args.name}.json"
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=_json))
+    plot_curves(results, args.out / f"{args.name}.png")
+    plot_sweep(results, args.out / f"{args.name}_sweep.png")
+    (args.out / f"{args.name}.md").write_text(markdown(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
