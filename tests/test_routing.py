@@ -117,8 +117,8 @@ def test_decomposition_adds_up_on_a_hand_made_case():
     d = D.decompose(y, is_ood, exit_pred, server_pred, offload, [0, 1], owner_server_pred=owner)
     # ID: img0 kept right, img1 offloaded right, img2 offloaded wrong, img3 kept right
     # OOD: img4 offloaded right, img5 offloaded wrong, img6 kept (exit wrong), img7 kept (exit right)
-    assert d["counts"] == {"id_kept_exit_right": 2, "id_offloaded_server_right": 1,
-                           "ood_offloaded_server_right": 1, "ood_kept_exit_right": 1}
+    assert d["counts"] == {"id_local_exit_right": 2, "id_served_server_right": 1,
+                           "ood_served_server_right": 1, "ood_local_exit_right": 1}
     assert d["accuracy"] == pytest.approx(5 / 8) == pytest.approx(d["accuracy_from_parts"])
     assert d["ood_recall"] == 0.5 and d["id_false_offload"] == 0.5
     assert d["server_acc_received_ood"] == 0.5 and d["server_acc_all_ood"] == 0.5
@@ -193,3 +193,20 @@ def test_client_scores_and_evaluate_client_end_to_end():
     summary = D.summarize([rep, rep])
     assert summary["p1"]["accuracy"]["mean"] == pytest.approx(rep["p1"]["accuracy"])
     assert summary["scores"]["mahalanobis"]["auroc"]["worst"] == pytest.approx(rep["scores"]["mahalanobis"]["auroc"])
+
+
+def test_deferring_own_classes_recovers_false_offloads():
+    # two ID images offloaded by mistake: the server names an ID class (wrong one for img1); one OOD image the
+    # server gets right, one it maps to an own class (lost either way)
+    y = np.array([0, 1, 5, 6])
+    is_ood = ~np.isin(y, [0, 1])
+    exit_pred = np.array([0, 1, 0, 0])
+    server_pred = np.array([0, 0, 5, 1])
+    offload = np.ones(4, bool)
+    pred, served = R.answer(exit_pred, server_pred, offload, [0, 1], defer_own_classes=True)
+    assert pred.tolist() == [0, 1, 5, 0] and served.tolist() == [False, False, True, False]
+    plain = D.decompose(y, is_ood, exit_pred, server_pred, offload, [0, 1])
+    defer = D.decompose(y, is_ood, exit_pred, server_pred, offload, [0, 1], defer_own_classes=True)
+    assert plain["accuracy"] == 0.5 and defer["accuracy"] == 0.75
+    assert defer["counts"]["id_local_exit_right"] == 2 and defer["served_ratio"] == 0.25
+    assert defer["ood_recall"] == plain["ood_recall"] == 1.0  # routing itself is unchanged

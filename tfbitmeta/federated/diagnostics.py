@@ -6,7 +6,11 @@ class is not one of the client's ID classes), the exit head's and the server's p
 server's as if every image had been offloaded), and the router's ``offload`` decision.  The accuracy under the
 hybrid rule splits exactly into four counts::
 
-    correct = ID kept & exit right + ID offloaded & server right + OOD offloaded & server right + OOD kept & exit right
+    correct = ID local & exit right + ID served & server right + OOD served & server right + OOD local & exit right
+
+where *served* = offloaded and answered with the server's label (all offloaded images, or with
+``defer_own_classes`` those for which the server does not name one of the client's own classes, see
+:func:`routing.answer`)
 
 and the rest of the decomposition says why each part is what it is: routing recall (OOD images offloaded), false
 offload (ID images offloaded), the server's accuracy on the OOD images it received and on all of them (oracle
@@ -53,7 +57,8 @@ def routing(offload: np.ndarray, is_ood: np.ndarray) -> dict:
             "id_false_offload": _mean(offload[~is_ood])}
 
 
-def decompose(y, is_ood, exit_pred, server_pred, offload, id_classes, owner_server_pred=None) -> dict:
+def decompose(y, is_ood, exit_pred, server_pred, offload, id_classes, owner_server_pred=None,
+              defer_own_classes: bool = False) -> dict:
     """The full decomposition of one client's hybrid accuracy on one test set (fractions in [0, 1]).
 
     ``owner_server_pred`` (optional): the server's predictions on the same OOD images computed through the front
@@ -67,15 +72,17 @@ def decompose(y, is_ood, exit_pred, server_pred, offload, id_classes, owner_serv
         raise TfbitmetaError("decompose: is_ood must mark exactly the images outside the client's ID classes")
     n = max(len(y), 1)
     exit_ok, server_ok = exit_pred == y, server_pred == y
-    pred = np.where(offload, server_pred, exit_pred)
-    parts = {"id_kept_exit_right": int(np.sum(~is_ood & ~offload & exit_ok)),
-             "id_offloaded_server_right": int(np.sum(~is_ood & offload & server_ok)),
-             "ood_offloaded_server_right": int(np.sum(is_ood & offload & server_ok)),
-             "ood_kept_exit_right": int(np.sum(is_ood & ~offload & exit_ok))}
+    from tfbitmeta.federated.routing import answer
+
+    pred, served = answer(exit_pred, server_pred, offload, id_classes, defer_own_classes)
+    parts = {"id_local_exit_right": int(np.sum(~is_ood & ~served & exit_ok)),
+             "id_served_server_right": int(np.sum(~is_ood & served & server_ok)),
+             "ood_served_server_right": int(np.sum(is_ood & served & server_ok)),
+             "ood_local_exit_right": int(np.sum(is_ood & ~served & exit_ok))}
     out = {"samples": int(len(y)), "ood_samples": int(is_ood.sum()),
            "accuracy": _mean(pred == y), "id_accuracy": _mean((pred == y)[~is_ood]),
            "ood_accuracy": _mean((pred == y)[is_ood]),
-           **routing(offload, is_ood),
+           **routing(offload, is_ood), "served_ratio": _mean(served),
            "exit_acc_id": _mean(exit_ok[~is_ood]),
            "exit_acc_kept_id": _mean(exit_ok[~is_ood & ~offload]),
            "server_acc_received_id": _mean(server_ok[~is_ood & offload]),
@@ -117,10 +124,11 @@ def owners(id_classes_per_client: list) -> dict[int, list[int]]:
 
 
 def sweep(validation_id_scores, scores, y, is_ood, exit_pred, server_pred,
-          keep_rates=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)) -> list[dict]:
+          keep_rates=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0), id_classes=None,
+          defer_own_classes: bool = False) -> list[dict]:
     """Accuracy against offload over a range of target keep-local rates, each threshold calibrated on the
     client's validation ID scores only (the operating curve of the router)."""
-    from tfbitmeta.federated.routing import calibrate_threshold
+    from tfbitmeta.federated.routing import answer, calibrate_threshold
 
     y, is_ood = np.asarray(y), np.asarray(is_ood, bool)
     exit_pred, server_pred, scores = np.asarray(exit_pred), np.asarray(server_pred), np.asarray(scores, np.float64)
@@ -128,7 +136,8 @@ def sweep(validation_id_scores, scores, y, is_ood, exit_pred, server_pred,
     for keep in keep_rates:
         thr = calibrate_threshold(validation_id_scores, keep)
         off = scores < thr
-        pred = np.where(off, server_pred, exit_pred)
+        pred, _ = answer(exit_pred, server_pred, off, [] if id_classes is None else id_classes,
+                         defer_own_classes)
         rows.append({"keep_local": float(keep), "threshold": float(thr), "accuracy": _mean(pred == y),
                      **routing(off, is_ood)})
     return rows
@@ -174,8 +183,8 @@ def at_fraction(is_ood: np.ndarray, p: float) -> np.ndarray:
 
 
 def evaluate_client(y, is_ood, id_classes, exit_pred, server_pred, scores: dict, router: str, keep_local: float,
-                    ood_fractions=(0.0, 0.5, 1.0), owner_server_pred=None, fixed_threshold: float | None = None
-                    ) -> dict:
+                    ood_fractions=(0.0, 0.5, 1.0), owner_server_pred=None, fixed_threshold: float | None = None,
+                    defer_own_classes: bool = False) -> dict:
     """One client's report on its test images (:func:`test_images`; every array is aligned with them).
 
     ``exit_pred`` / ``server_pred``: the client's exit-head and server predictions on every image;
@@ -213,6 +222,7 @@ def evaluate_client(y, is_ood, id_classes, exit_pred, server_pred, scores: dict,
         r.threshold = float(fixed_threshold)
     offload = r.offload(test)
     out = {"router": router, "threshold": r.threshold, "keep_local_target": keep_local,
+           "defer_own_classes": defer_own_classes,
            "keep_local_validation": float(1 - r.offload(val).mean()), "scores": {}}
     for kind, (v, t) in scores.items():
         t = np.asarray(t)
@@ -221,9 +231,11 @@ def evaluate_client(y, is_ood, id_classes, exit_pred, server_pred, scores: dict,
     for p in ood_fractions:
         sel = at_fraction(is_ood, p)
         out[f"p{p:g}"] = decompose(y[sel], is_ood[sel], exit_pred[sel], server_pred[sel], offload[sel], id_classes,
-                                   None if owner_server_pred is None else np.asarray(owner_server_pred)[sel])
+                                   None if owner_server_pred is None else np.asarray(owner_server_pred)[sel],
+                                   defer_own_classes)
     sel = at_fraction(is_ood, max(ood_fractions))
-    out["sweep"] = sweep(val, np.asarray(test)[sel], y[sel], is_ood[sel], exit_pred[sel], server_pred[sel])
+    out["sweep"] = sweep(val, np.asarray(test)[sel], y[sel], is_ood[sel], exit_pred[sel], server_pred[sel],
+                         id_classes=id_classes, defer_own_classes=defer_own_classes)
     return out
 
 

@@ -173,6 +173,19 @@ class Router:
         return np.asarray(scores, np.float64) < self.threshold
 
 
+def answer(exit_pred, server_pred, offload, id_classes, defer_own_classes: bool = False
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The client's final answers and which of them are the server's.
+
+    An offloaded image gets the server's label.  With ``defer_own_classes`` an offloaded image for which the
+    server names one of the client's own ID classes gets the exit head's label instead: the server says "this is
+    one of yours", and on its own classes the personal head is the better judge (this recovers ID images the
+    router sent away by mistake; an OOD image the server maps to an ID class was lost anyway)."""
+    exit_pred, server_pred, offload = np.asarray(exit_pred), np.asarray(server_pred), np.asarray(offload, bool)
+    served = offload & ~np.isin(server_pred, np.asarray(id_classes)) if defer_own_classes else offload
+    return np.where(served, server_pred, exit_pred), served
+
+
 def hold_out_validation(train_indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Split a client's training indices into (train, validation), stratified by class, so that the router's
