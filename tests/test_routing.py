@@ -42,8 +42,12 @@ def test_mahalanobis_uses_a_tied_covariance():
     assert m.classes.tolist() == [3, 7]
     s = m.score(np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]))
     assert s[0] > s[1] > s[2]
-    # features of any shape are flattened per image
-    assert m.score(np.zeros((5, 2, 1))).shape == (5,)
+    # feature maps are flattened per image, or pooled over space on request
+    maps = rng.normal(size=(300, 3, 3, 2))
+    labels = np.repeat([0, 1], 150)
+    assert R.Mahalanobis.fit(maps, labels).means.shape == (2, 18)
+    pooled = R.Mahalanobis.fit(maps, labels, pool=True)
+    assert pooled.means.shape == (2, 2) and pooled.score(maps[:5]).shape == (5,)
 
 
 # -- calibration -------------------------------------------------------------------------------------------
