@@ -50,6 +50,7 @@ def run(adapter, name: str, dataset: str, seed: int, args) -> dict:
                   f"p=1 {100 * curve[-1]['acc_p1']:.1f} ({train_s:.0f} s)", flush=True)
     job.close()
     rep["curve"] = curve
+    rep["seed"] = seed
     rep["budget"] = job.budget()
     rep["train_seconds"] = train_s
     rep["wall_seconds"] = time.perf_counter() - t0
@@ -127,13 +128,17 @@ def over_seeds(rows: list[dict]) -> dict:
             out[col] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals))}
         else:
             out[col] = rows[0][col]
+    out["seeds"] = len(rows)
     return out
 
 
 def per_client_gap(runs_a: list[dict], runs_b: list[dict], p: str = "p0") -> dict:
     """Client-by-client accuracy of A minus B (same seed, same clients): mean and worst over clients and seeds."""
-    gaps = [100 * (ca[p]["accuracy"] - cb[p]["accuracy"]) for ra, rb in zip(runs_a, runs_b)
-            for ca, cb in zip(ra["clients"], rb["clients"])]
+    by_seed = {r["seed"]: r for r in runs_b}
+    gaps = [100 * (ca[p]["accuracy"] - cb[p]["accuracy"]) for ra in runs_a if ra["seed"] in by_seed
+            for ca, cb in zip(ra["clients"], by_seed[ra["seed"]]["clients"])]
+    if not gaps:
+        return {"mean": None, "worst": None}
     return {"mean": float(np.mean(gaps)), "worst": float(min(gaps))}
 
 
@@ -228,8 +233,8 @@ def markdown(results: dict) -> str:
             "server_acc_ood_via_owner", "shortcut", "oracle_p1", "auroc"]
     lines = []
     for ds, res in results.items():
-        lines += [f"\n{ds} (mean over seeds {res['seeds']}; [min, max])", "",
-                  "| algorithm | " + " | ".join(cols) + " | wall s |", "|---" * (len(cols) + 2) + "|"]
+        lines += [f"\n{ds} (mean over seeds {res['seeds']}; [min, max] over seeds)", "",
+                  "| algorithm | seeds | " + " | ".join(cols) + " | wall s |", "|---" * (len(cols) + 3) + "|"]
         for alg, r in res["table"].items():
             cells = []
             for c in cols:
@@ -240,7 +245,7 @@ def markdown(results: dict) -> str:
                 f = ".3f" if c == "auroc" else ".1f"
                 spread = "" if v["min"] == v["max"] else f" [{v['min']:{f}}, {v['max']:{f}}]"
                 cells.append(f"{v['mean']:{f}}{spread}")
-            lines.append(f"| {alg} | " + " | ".join(cells) + f" | {r['wall_seconds']['mean']:.0f} |")
+            lines.append(f"| {alg} | {r['seeds']} | " + " | ".join(cells) + f" | {r['wall_seconds']['mean']:.0f} |")
         lines.append("")
         for name, t in res["targets"].items():
             lines.append(f"- {name}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'MISSED'}")
@@ -252,6 +257,7 @@ def _json(o):
 
 
 # -- the stack under test -----------------------------------------------------------------------------------
+ABLATIONS = {"harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner", "harmony-max-softmax"}
 ORDER = ["harmony", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner", "harmony-max-softmax",
          "splitgp", "splitgp-homogeneous", "fedavg", "local", "centralized"]
 SPLITGP_CONFIDENCE = 0.8  # SplitGP's fixed confidence rule (uncalibrated), kept as SplitGP's own router
@@ -351,6 +357,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--keep-local", type=float, default=0.95,
                     help="target share of a client's validation ID images answered locally (router calibration)")
+    ap.add_argument("--ablation-seeds", type=int, default=0,
+                    help="run the ablations on the first N seeds only (0 = every seed)")
     ap.add_argument("--quick", action="store_true", help="smoke run: digits, 4 clients, 2 rounds, one seed")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="harmony")
@@ -363,18 +371,27 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     results = {}
     t_all = time.perf_counter()
+    ablation_seeds = seeds[:args.ablation_seeds] if args.ablation_seeds else seeds
     for ds in [d for d in args.datasets.split(",") if d]:
         runs = {a: [] for a in algorithms}
         for seed in seeds:
             for alg in algorithms:
+                if alg in ABLATIONS and seed not in ablation_seeds:
+                    continue
                 runs[alg].append(run(adapter, alg, ds, seed, args))
-        table = {a: over_seeds([row(r) for r in rs]) for a, rs in runs.items()}
-        results[ds] = {"seeds": seeds, "table": table, "runs": runs,
-                       "targets": targets(table, runs, "harmony") if "harmony" in runs else {}}
-        if "local" in runs and "harmony" in runs:
-            results[ds]["id_vs_local_per_client_pp"] = per_client_gap(runs["harmony"], runs["local"])
-        _write(args, results, t_all)
+                results[ds] = tabulate(runs)
+                _write(args, results, t_all)  # after every run: a stopped benchmark keeps what it measured
     print(markdown(results))
+
+
+def tabulate(runs: dict) -> dict:
+    runs = {a: rs for a, rs in runs.items() if rs}
+    table = {a: over_seeds([row(r) for r in rs]) for a, rs in runs.items()}
+    out = {"seeds": sorted({r["seed"] for rs in runs.values() for r in rs}), "table": table, "runs": runs,
+           "targets": targets(table, runs, "harmony") if "harmony" in runs else {}}
+    if "local" in runs and "harmony" in runs:
+        out["id_vs_local_per_client_pp"] = per_client_gap(runs["harmony"], runs["local"])
+    return out
 
 
 def _write(args, results: dict, t_all: float) -> None:
