@@ -24,66 +24,43 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from tfbitmeta.federated import diagnostics as D  # noqa: E402
 from tfbitmeta.federated import routing as R  # noqa: E402
-from tfbitmeta.federated.latency import LatencyModel  # noqa: E402
 
 OOD_FRACTIONS = (0.0, 0.5, 1.0)
-SCORE_KINDS = ("max_softmax", "energy", "mahalanobis", "posterior")
 
 
 # -- the runs ------------------------------------------------------------------------------------------------
 def run(adapter, name: str, dataset: str, seed: int, args) -> dict:
-    """Train one algorithm, evaluating every ``eval_every`` rounds (the curve) and at the end (the report)."""
+    """Train one algorithm, evaluating every ``eval_every`` rounds (the curve) and at the end (the reports of the
+    algorithm and of its deployment variants).  Returns {variant: report}."""
     t0 = time.perf_counter()
     job = adapter.start(name, dataset, seed, args)
-    curve, train_s = [], 0.0
-    for r in range(args.rounds):
+    curve, train_s, r = [], 0.0, 0
+    while True:
         t = time.perf_counter()
-        job.run_round(r)
+        more = job.run_round(r)
         train_s += time.perf_counter() - t
-        if (r + 1) % args.eval_every == 0 or r + 1 == args.rounds:
-            rep = evaluate(job, args)
-            curve.append({"round": r + 1, "train_seconds": train_s,
-                          **{f"acc_p{p:g}": rep["summary"][f"p{p:g}"]["accuracy"]["mean"] for p in OOD_FRACTIONS}})
-            print(f"  {dataset} seed {seed} {name} round {r + 1}: p=0 {100 * curve[-1]['acc_p0']:.1f} "
-                  f"p=1 {100 * curve[-1]['acc_p1']:.1f} ({train_s:.0f} s)", flush=True)
+        r += 1
+        last = not more or r == args.rounds
+        if (more and r % args.eval_every == 0) or last:
+            reps = job.reports(args.keep_local, final=last)
+            main = reps[name]
+            steps = job.budget()["client_steps_per_client"]
+            curve.append({"round": len(job.sim.history), "client_steps_per_client": steps, "train_seconds": train_s,
+                          "deployed": last,
+                          **{f"acc_p{p:g}": main["summary"][f"p{p:g}"]["accuracy"]["mean"] for p in OOD_FRACTIONS}})
+            print(f"  {dataset} seed {seed} {name} step {steps}: p=0 {100 * curve[-1]['acc_p0']:.1f} "
+                  f"p=1 {100 * curve[-1]['acc_p1']:.1f} ({train_s:.0f} s train)", flush=True)
+        if last:
+            break
     job.close()
-    rep["curve"] = curve
-    rep["seed"] = seed
-    rep["budget"] = job.budget()
-    rep["train_seconds"] = train_s
-    rep["wall_seconds"] = time.perf_counter() - t0
-    rep["round_seconds_median"] = float(np.median(job.round_seconds())) if job.round_seconds() else None
-    return rep
-
-
-def evaluate(job, args) -> dict:
-    """Every client's outputs -> routing scores -> per-client reports -> the across-client summary."""
-    outs = job.client_outputs(args.keep_local)
-    idx = [o["test_indices"] for o in outs]
-    owner = D.owner_predictions(job.y_test, [o["id_classes"] for o in outs], idx,
-                                [o["test"]["server_logits"].argmax(1) for o in outs])
-    lat = LatencyModel()
-    clients = []
-    for k, o in enumerate(outs):
-        scores = R.client_scores([s for s in SCORE_KINDS if o["validation"].get("exit_logits") is not None],
-                                 id_classes=o["id_classes"], validation=o["validation"], test=o["test"],
-                                 train=o["train"])
-        y = job.y_test[o["test_indices"]]
-        rep = D.evaluate_client(y, o["is_ood"], o["id_classes"], o["test"]["exit_logits"].argmax(1),
-                                o["test"]["server_logits"].argmax(1), scores, o["router"], args.keep_local,
-                                OOD_FRACTIONS, owner_server_pred=owner[k], fixed_threshold=o.get("fixed_threshold"))
-        for p in OOD_FRACTIONS:
-            d = rep[f"p{p:g}"]
-            d["latency_ms"] = lat.mean_ms(k, o["client_flops"], d["offload_ratio"], o["feature_elements"], o["bits"],
-                                          o["server_flops"])
-        rep.update(client=k, architecture=o["architecture"], bits=o["bits"], id_classes=list(map(int, o["id_classes"])))
-        clients.append(rep)
-    summary = D.summarize(clients, OOD_FRACTIONS)
-    for p in OOD_FRACTIONS:
-        summary[f"p{p:g}"]["latency_ms"] = D.across_clients([c[f"p{p:g}"] for c in clients], "latency_ms")
-    return {"clients": clients, "summary": summary, "latency_model": lat.describe()}
+    wall = time.perf_counter() - t0
+    for rep in reps.values():
+        rep.update(curve=curve, seed=seed, budget=job.budget(), train_seconds=train_s, wall_seconds=wall,
+                   trained_as=name, round_seconds_median=float(np.median(job.round_seconds()))
+                   if job.round_seconds() else None,
+                   first_round_seconds=job.sim.history[0]["seconds"] if job.sim.history else None)
+    return reps
 
 
 # -- tables over seeds and the targets -----------------------------------------------------------------------
@@ -181,12 +158,14 @@ def plot_curves(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         for alg, runs in results[ds]["runs"].items():
-            rounds = [c["round"] for c in runs[0]["curve"]]
+            if runs[0]["trained_as"] != alg:
+                continue  # deployment variants share their training run's curve
+            steps = [c["client_steps_per_client"] for c in runs[0]["curve"]]
             acc = np.array([[100 * c["acc_p1"] for c in r["curve"]] for r in runs])
-            line, = ax.plot(rounds, acc.mean(0), ".-", label=alg, lw=1.2)
+            line, = ax.plot(steps, acc.mean(0), ".-", label=alg, lw=1.2)
             if len(runs) > 1:
-                ax.fill_between(rounds, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("round (equal client steps per round for every algorithm)")
+                ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("client steps per client (ours: last point after deployment fine-tuning)")
         ax.set_ylabel("mean client accuracy with OOD, p = 1 (%)")
         ax.set_title(f"{ds}: accuracy vs rounds (band: seeds min-max)")
         ax.grid(alpha=0.3)
@@ -257,87 +236,130 @@ def _json(o):
 
 
 # -- the stack under test -----------------------------------------------------------------------------------
-ABLATIONS = {"harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner", "harmony-max-softmax"}
-ORDER = ["harmony", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner", "harmony-max-softmax",
-         "splitgp", "splitgp-homogeneous", "fedavg", "local", "centralized"]
+# trained algorithms (one training run each) and deployment-time variants of a trained run (same training,
+# another router / no fine-tuning / no deferral: the ablations of the new components, free of training noise)
+TRAINED = ["harmony", "splitgp", "fedavg", "local", "centralized", "splitgp-homogeneous",
+           "harmony-personal-heads", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"]
+DEPLOY_VARIANTS = {  # name -> (router, fine-tune, defer)
+    "harmony": ("posterior", True, True),
+    "harmony-mahalanobis": ("mahalanobis", True, True),
+    "harmony-max-softmax": ("max_softmax", True, True),
+    "harmony-no-finetune": ("posterior", False, True),
+    "harmony-no-defer": ("posterior", True, False),
+}
+ABLATIONS = {"harmony-personal-heads", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"}
+ORDER = TRAINED
 SPLITGP_CONFIDENCE = 0.8  # SplitGP's fixed confidence rule (uncalibrated), kept as SplitGP's own router
 
 
+def _algorithms():
+    """Ours on top of the stack's Harmony: a shared (FedAvg) exit head that every client receives (the router's
+    federated class posterior and the start of its personal head)."""
+    from tfbitmeta.federated import algorithms as AL
+
+    ours = dict(share_head=True, lam_head=0.0)
+    extra = {"harmony": AL.Harmony(**ours),
+             "harmony-no-contrastive": AL.Harmony(name="harmony-no-contrastive", contrastive=0.0, **ours),
+             "harmony-no-sampling": AL.Harmony(name="harmony-no-sampling", sample=False, server_views="both", **ours),
+             "harmony-no-inner": AL.Harmony(name="harmony-no-inner", inner=False, **ours),
+             "harmony-personal-heads": AL.Harmony(name="harmony-personal-heads")}
+    AL.ALGORITHMS.update(extra)
+
+
 class Job:
-    """One algorithm's run on the current simulation, with a validation split held out of every client's data
-    (the router's calibration set)."""
+    """One trained algorithm on the one-stack simulation, with a validation split held out of every client's
+    training data (the router's calibration set)."""
 
     def __init__(self, name: str, dataset: str, seed: int, args):
-        from tfbitmeta.federated.simulation import ALGORITHMS, SimConfig, Simulation
+        from tfbitmeta.federated.simulation import SimConfig, Simulation
 
-        base = name.replace("-homogeneous", "").replace("-max-softmax", "")
-        archs, bits = "cnn-w1,cnn-w05,mobilenet", "2,4,8"
+        _algorithms()
+        base = name.replace("-homogeneous", "")
+        archs, bits = args.architectures, args.bits
         if name.endswith("-homogeneous"):  # same architecture and bitwidth everywhere: no representation skew
-            archs, bits = "cnn-w1", "4"
-        self.name, self.alg = name, ALGORITHMS[base]
-        self.sim = Simulation(SimConfig(algorithm=base, dataset=dataset, clients=args.clients, rounds=args.rounds,
+            archs, bits = archs.split(",")[0], bits.split(",")[len(bits.split(",")) // 2]
+        self.name, self.args, self.seed = name, args, seed
+        self.ours = base.startswith("harmony")
+        rounds = args.rounds - (args.finetune_rounds if self.ours and base != "harmony-personal-heads" else 0)
+        self.sim = Simulation(SimConfig(algorithm=base, dataset=dataset, clients=args.clients, rounds=rounds,
                                         local_steps=args.local_steps, batch_size=args.batch_size,
-                                        architectures=archs, bits=bits, engine="tf", seed=seed), progress=False)
-        sim = self.sim
-        self.val = []
+                                        architectures=archs, bits=bits, engine=args.engine, seed=seed),
+                              progress=False)
+        self.alg, sim = self.sim.alg, self.sim
+        self.validation = []
         for k, part in enumerate(sim.parts):
             part.train, val = R.hold_out_validation(part.train, sim.y_train, 0.1, seed + 1000 + k)
-            self.val.append(val)
-        if self.alg["centralized"]:
-            held = np.concatenate(self.val)
-            sim.learners[0].train = np.setdiff1d(sim.learners[0].train, held)
-        self.y_test = sim.y_test
-        self.seed = seed
-        self.router = ("server" if self.alg["centralized"] else "local" if not self.alg["split"]
-                       else "max_softmax" if base == "splitgp" or name.endswith("-max-softmax") else "mahalanobis")
+            self.validation.append(val)
+        if self.alg.centralized:
+            sim.learners[0].train = np.setdiff1d(sim.learners[0].train, np.concatenate(self.validation))
+        self.rounds = rounds
+        self.finetune_steps = 0
+        self._flops = None
 
-    def run_round(self, r: int) -> None:
+    def run_round(self, r: int) -> bool:
+        if r >= self.rounds:
+            return False
         self.sim.run_round(r)
+        return True
 
     def round_seconds(self) -> list:
         return [h["seconds"] for h in self.sim.history[1:]]
 
     def budget(self) -> dict:
         cfg = self.sim.cfg
-        steps = len(self.sim.history) * cfg.local_steps * cfg.clients
-        return {"client_steps": steps, "examples": steps * cfg.batch_size, "rounds": len(self.sim.history),
-                "local_steps": cfg.local_steps, "batch_size": cfg.batch_size}
+        steps = len(self.sim.history) * cfg.local_steps + self.finetune_steps
+        return {"client_steps_per_client": steps, "client_steps": steps * cfg.clients,
+                "examples_per_client": steps * cfg.batch_size, "rounds": len(self.sim.history),
+                "local_steps": cfg.local_steps, "finetune_steps": self.finetune_steps, "batch_size": cfg.batch_size}
 
     def close(self) -> None:
-        self.sim.executor.close()
+        self.sim.process.close()
 
-    def client_outputs(self, keep_local: float) -> list:
-        import tensorflow as tf
+    def flops(self) -> dict:
+        from tfbitmeta.federated.report import model_flops
 
-        from tfbitmeta.federated import architectures as A
-        from tfbitmeta.federated import backend
+        self._flops = self._flops or model_flops(self.sim)
+        return self._flops
 
-        sim = self.sim
-        server_flops = backend.flops(sim.server_w, sim.feature_shape)
-        outs = []
+    def personal_heads(self, finetune: bool) -> list | None:
+        from tfbitmeta.federated.personalize import fine_tune_head
+
+        if not finetune:
+            return None
+        sim, steps = self.sim, self.args.finetune_rounds * self.sim.cfg.local_steps
+        self.finetune_steps = steps
+        heads = []
         for k in range(sim.cfg.clients):
-            w, arch, head, b = sim.front_end(k)
-            bits = tf.constant(np.array([b, b], np.float32))
+            bank, head = sim.deployed_weights(k)
+            tr = sim.parts[k].train
+            own = np.array([sim.client_bits[k]] * 2, np.float32)
+            cands = [np.array([b, b], np.float32) for b in sim.bit_choices]
+            heads.append(fine_tune_head(sim.space, sim.client_arch[k], bank, head, sim.x_train[tr], sim.y_train[tr],
+                                        own, cands, steps, self.args.finetune_lr, sim.cfg.batch_size,
+                                        self.seed + 77 + k))
+        return heads
 
-            def run(x):
-                feats = A.extract(w, arch, tf.constant(x), bits)
-                exit_logits = A.exit_logits(head, feats, bits).numpy()
-                server = (backend.logits({n: tf.constant(v) for n, v in sim.server_w.items()}, feats).numpy()
-                          if self.alg["split"] else exit_logits)  # no server: its columns describe the one model
-                return {"features": feats.numpy(), "exit_logits": exit_logits, "server_logits": server}
-            ids = sim.parts[k].id_classes
-            idx, is_ood = D.test_images(sim.y_test, ids, max(OOD_FRACTIONS), self.seed + k)
-            tr = sim.parts[k].train[:1000]
-            outs.append({"id_classes": ids, "test_indices": idx, "is_ood": is_ood,
-                         "validation": run(sim.x_train[self.val[k]]), "test": run(sim.x_test[idx]),
-                         "train": {"features": run(sim.x_train[tr])["features"], "y": sim.y_train[tr]},
-                         "router": self.router,
-                         "fixed_threshold": SPLITGP_CONFIDENCE if self.router == "max_softmax" else None,
-                         "architecture": arch.name, "bits": b,
-                         "client_flops": A.flops(arch, sim.x_train.shape[1:])
-                         + 2.0 * np.prod(sim.feature_shape) * sim.num_classes,
-                         "feature_elements": int(np.prod(sim.feature_shape)), "server_flops": server_flops})
-        return outs
+    def reports(self, keep_local: float, final: bool) -> dict:
+        """{variant name: report}: the trained algorithm's own evaluation, and at the end of an ours run every
+        deployment variant."""
+        from tfbitmeta.federated import report
+
+        alg = self.alg
+        router_heads = [self.sim.state["head"]] * self.sim.cfg.clients if alg.share_head and alg.split else None
+        if not self.ours or self.name == "harmony-personal-heads":
+            router = ("server" if alg.centralized else "local" if not alg.split
+                      else "max_softmax" if not self.ours else "mahalanobis")
+            col = report.collect(self.sim, self.validation, None, router_heads)
+            fixed = SPLITGP_CONFIDENCE if router == "max_softmax" else None
+            return {self.name: report.route(self.sim, col, router, keep_local, fixed, False, flops=self.flops())}
+        variants = DEPLOY_VARIANTS if final and self.name == "harmony" else {self.name: DEPLOY_VARIANTS["harmony"]}
+        out, cols = {}, {}
+        for vname, (router, finetune, defer) in variants.items():
+            if finetune not in cols:
+                heads = self.personal_heads(finetune) if final else None
+                cols[finetune] = report.collect(self.sim, self.validation, heads, router_heads)
+            out[vname] = report.route(self.sim, cols[finetune], router, keep_local, None, defer, flops=self.flops())
+        return out
 
 
 class Adapter:
@@ -359,12 +381,20 @@ def main() -> None:
                     help="target share of a client's validation ID images answered locally (router calibration)")
     ap.add_argument("--ablation-seeds", type=int, default=0,
                     help="run the ablations on the first N seeds only (0 = every seed)")
+    ap.add_argument("--architectures", default="svhn_cnn-w4,svhn_cnn-w2,mobilenet_v2-w05")
+    ap.add_argument("--bits", default="2,4,8")
+    ap.add_argument("--engine", default="tf", choices=["tf", "tff"])
+    ap.add_argument("--finetune-rounds", type=int, default=2,
+                    help="ours: the last N rounds' worth of client steps go to fine-tuning the exit head at "
+                         "deployment (so every algorithm has the same client steps)")
+    ap.add_argument("--finetune-lr", type=float, default=0.05)
     ap.add_argument("--quick", action="store_true", help="smoke run: digits, 4 clients, 2 rounds, one seed")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="harmony")
     args = ap.parse_args()
     if args.quick:
-        args.datasets, args.seeds, args.clients, args.rounds, args.eval_every = "digits", "0", 4, 2, 1
+        args.datasets, args.seeds, args.clients, args.rounds, args.eval_every = "digits", "0", 4, 3, 1
+        args.local_steps, args.finetune_rounds = 2, 1
     args.out.mkdir(parents=True, exist_ok=True)
     adapter = Adapter()
     algorithms = [a for a in args.algorithms.split(",") if a]
@@ -373,12 +403,13 @@ def main() -> None:
     t_all = time.perf_counter()
     ablation_seeds = seeds[:args.ablation_seeds] if args.ablation_seeds else seeds
     for ds in [d for d in args.datasets.split(",") if d]:
-        runs = {a: [] for a in algorithms}
+        runs = {}
         for seed in seeds:
             for alg in algorithms:
                 if alg in ABLATIONS and seed not in ablation_seeds:
                     continue
-                runs[alg].append(run(adapter, alg, ds, seed, args))
+                for variant, rep in run(adapter, alg, ds, seed, args).items():
+                    runs.setdefault(variant, []).append(rep)
                 results[ds] = tabulate(runs)
                 _write(args, results, t_all)  # after every run: a stopped benchmark keeps what it measured
     print(markdown(results))
