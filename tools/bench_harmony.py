@@ -402,16 +402,16 @@ def main() -> None:
     results = {}
     t_all = time.perf_counter()
     ablation_seeds = seeds[:args.ablation_seeds] if args.ablation_seeds else seeds
-    for ds in [d for d in args.datasets.split(",") if d]:
-        runs = {}
-        for seed in seeds:
-            for alg in algorithms:
-                if alg in ABLATIONS and seed not in ablation_seeds:
-                    continue
-                for variant, rep in run(adapter, alg, ds, seed, args).items():
-                    runs.setdefault(variant, []).append(rep)
-                results[ds] = tabulate(runs)
-                _write(args, results, t_all)  # after every run: a stopped benchmark keeps what it measured
+    datasets = [d for d in args.datasets.split(",") if d]
+    # order: the compared algorithms seed by seed, every dataset at each seed, then the (training-time) ablations
+    jobs = [(seed, ds, alg) for seed in seeds for ds in datasets for alg in algorithms if alg not in ABLATIONS] + \
+           [(seed, ds, alg) for seed in ablation_seeds for ds in datasets for alg in algorithms if alg in ABLATIONS]
+    runs = {ds: {} for ds in datasets}
+    for seed, ds, alg in jobs:
+        for variant, rep in run(adapter, alg, ds, seed, args).items():
+            runs[ds].setdefault(variant, []).append(rep)
+        results[ds] = tabulate(runs[ds])
+        _write(args, results, t_all)  # after every run: a stopped benchmark keeps what it measured
     print(markdown(results))
 
 
