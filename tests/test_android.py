@@ -72,3 +72,32 @@ def test_kotlin_core_junit_against_golden_vectors_and_live_server(exported, tiny
     passed = int(summary[-1].split()[0])
     # 12 golden cases x 4 per-case test factories (payload bytes, decisions, parsed responses, live server) + 16 others
     assert passed >= 4 * len(golden["cases"]) + 10, summary
+
+
+def test_kotlin_core_junit_against_a_federated_client(sfl_models, sfl_run, tmp_path, capsys):
+    """The same JUnit suite on a federated export: one client's front ends (client 1), its explicit backend."""
+    if not (ROOT / "android_demo" / "build-ci" / "core-test").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("android_demo/build-ci is missing: .ci/run must run `android_demo/ci/jvm.sh setup` first")
+        pytest.skip("run `bash android_demo/ci/jvm.sh setup` first (JDK 17, npm, Maven Central)")
+    from tfbitmeta.serve.app import create_app
+    from tfbitmeta.serve.config import ServeConfig
+    from tfbitmeta.serve.runner import BackgroundServer
+
+    spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tools" / "make_golden.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    models = sfl_models[0]
+    golden = tool.main(["--run", str(sfl_run[0]), "--models", str(models), "--client", "1", "--bits", "2,4,8",
+                        "--images", "2", "--out", str(tmp_path / "golden")])
+    assert {c["backend"] for c in golden["cases"]} == {"server_2", "server_4", "server_8"}
+    assert all(c["front_end"].startswith("client1_") for c in golden["cases"])
+    cfg = ServeConfig(models=models, host="127.0.0.1", port=free_port(), token=TOKEN, max_delay_ms=0)
+    with BackgroundServer(create_app(cfg), cfg) as url:
+        env = {**os.environ, "TFBITMETA_GOLDEN": str(tmp_path / "golden"), "TFBITMETA_MODELS": str(models),
+               "TFBITMETA_SERVER": url, "TFBITMETA_TOKEN": TOKEN}
+        p = subprocess.run(["bash", str(JVM), "test"], env=env, capture_output=True, text=True, timeout=600)
+    summary = [line for line in p.stdout.splitlines() if line.endswith("skipped") and "passed" in line]
+    with capsys.disabled():
+        print(f"\nandroid_demo JVM tests (federated client 1): {summary[-1] if summary else 'no summary'}")
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]

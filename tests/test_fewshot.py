@@ -20,7 +20,7 @@ from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.confidence import mean_ci
 from tfbitmeta.meta.fewshot import FewShotConfig, TaskSampler, parse_train_bits, prepare
 from tfbitmeta.meta.protonet import proto_loss, prototypes, squared_distances
-from tfbitmeta.meta.run import TrainConfig
+from tfbitmeta.runs import TrainConfig
 from tfbitmeta.quant.bitwidth import FP
 
 ALPHABETS = {"Alpha": 6, "Beta": 6, "Gamma": 6, "Delta": 6, "Epsilon": 6}

@@ -21,7 +21,7 @@ from tfbitmeta.data.episodes import Setting
 from tfbitmeta.data.omniglot import load_omniglot
 from tfbitmeta.meta.fewshot import FEWSHOT_BITS, FewShotConfig, parse_train_bits, train
 from tfbitmeta.meta.fewshot_eval import evaluate_algorithm, load_run, plot_rows
-from tfbitmeta.meta.run import TrainConfig
+from tfbitmeta.runs import TrainConfig
 from tfbitmeta.quant.bitwidth import bit_name
 
 

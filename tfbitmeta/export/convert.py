@@ -27,7 +27,7 @@ import tensorflow as tf
 from tfbitmeta.data import datasets
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
-from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
+from tfbitmeta.runs import RunDir, TrainConfig, check_writable
 from tfbitmeta.models import BitModel
 from tfbitmeta.quant.bitwidth import FP, Config, bits_tensor, config_name
 
@@ -209,6 +209,65 @@ def parse_exits(spec: str, bm: BitModel) -> list[int]:
     return out
 
 
+def backend_model_name(path: str) -> str:
+    """The server-side model name of a backend file: its stem (what ``POST /v1/models/{name}:predict`` takes)."""
+    return Path(path).stem
+
+
+def export_part(bm: BitModel, cfg: Config, kind: str, split: int, norm, path: Path, representative: np.ndarray,
+                float16: bool = False, int4: bool = True, measure_latency: bool = True) -> dict:
+    """Convert one part of ``bm`` (``kind`` front_end or backend, cut at ``split``) at configuration ``cfg`` to
+    ``path`` with the export graph (full-integer below full precision) and return its manifest entry.  Call it
+    inside ``aligned_biases(bm.keras, cfg, norm, int4)``, as the Keras reference of ``--verify`` is that model."""
+    quantized = cfg != (FP, FP)
+    part = Part(bm, cfg, kind, split, norm, int4)
+    buf = convert_part(part, representative, quantized, float16 and not quantized)
+    path.write_bytes(buf)
+    info = inspect_tflite(buf)
+    limit = part.graph.weight_limit_bytes()
+    entry = {
+        "path": path.name, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": config_name(cfg)},
+        "exit": split if kind == "front_end" else None, "split": split,
+        "sha256": _sha256(path), "bytes": len(buf),
+        "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
+                   ("float16" if float16 else "float32"),
+        "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
+        "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
+                 "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
+                 "weight_types": info["weight_types"],
+                 "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
+    }
+    if measure_latency:
+        entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
+    return entry
+
+
+def manifest_input(norm, input_shape) -> dict:
+    return {"shape": [1, *input_shape], "dtype": "float32",
+            "normalization": {"formula": "front ends take pixels: round(resize(x_uint8)) as float32 in [0, 255]; "
+                                         "(p * input_scale - mean) / std is folded into the first layer "
+                                         "(Keras models and backends use the normalized values)",
+                              "mean": norm.mean, "std": norm.std, "source_dtype": norm.input_dtype,
+                              "input_scale": norm.input_scale, "image_size": norm.image_size}}
+
+
+def write_manifest(out: Path, staged: Path, files: list[dict], model: dict, labels: list[str], input_: dict,
+                   created_by: str) -> dict:
+    """The one manifest writer of every exporter: validates the manifest (schema + every front end names a
+    backend listed in it), moves the staged files into ``out`` and writes ``manifest.json`` last."""
+    manifest = {"format": "tfbitmeta-manifest", "version": MANIFEST_VERSION, "created_by": created_by,
+                "model": model, "labels": [str(c) for c in labels], "input": input_, "files": files}
+    validate_manifest(manifest)
+    backends = {backend_model_name(f["path"]) for f in files if f["kind"] == "backend"}
+    for f in files:
+        if f["kind"] == "front_end" and f["backend"] not in backends:
+            raise TfbitmetaError(f"export: {f['path']} names backend {f['backend']!r}, which is not exported")
+    for f in files:
+        os.replace(staged / f["path"], out / f["path"])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
 def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True, float16: bool = False, int4: bool = True,
            n_verify: int = 1000, n_representative: int = 200, measure_latency: bool = True, progress=print) -> dict:
     run = RunDir(run_path)
@@ -237,85 +296,60 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
         for cfg in configs:
             alignment = []  # how far each folded bias moved onto the int32 grid (graph.aligned_biases)
             with aligned_biases(bm.keras, cfg, norm, int4, alignment):
-                quantized = cfg != (FP, FP)
                 b = bits_tensor(cfg, 1)
                 name = config_name(cfg)
                 keras_val = bm.keras([xv, bits_tensor(cfg, len(xv))], training=False)
                 keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
                 for split in splits_to_export:
                     feats_rep = bm.extractor(split)([rep, tf.tile(b, [len(rep), 1])], training=False).numpy()
+                    back = f"backend_{name}_split{split}.tflite"
                     for kind in ("front_end", "backend"):
-                        fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else f"backend_{name}_split{split}.tflite"
+                        fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else back
                         progress(f"converting {fname}")
-                        part = Part(bm, cfg, kind, split, norm, int4)
-                        buf = convert_part(part, rep_pixels if kind == "front_end" else feats_rep, quantized,
-                                           float16 and not quantized)
-                        path = tmp / fname
-                        path.write_bytes(buf)
-                        info = inspect_tflite(buf)
-                        limit = part.graph.weight_limit_bytes()
-                        entry = {
-                            "path": fname, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": name},
-                            "exit": split if kind == "front_end" else None, "split": split,
-                            "sha256": _sha256(path), "bytes": len(buf),
-                            "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
-                                       ("float16" if float16 else "float32"),
-                            "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
-                            "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
-                                     "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
-                                     "weight_types": info["weight_types"],
-                                     "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
-                        }
+                        entry = export_part(bm, cfg, kind, split, norm, tmp / fname,
+                                            rep_pixels if kind == "front_end" else feats_rep, float16, int4,
+                                            measure_latency)
                         if kind == "front_end":
                             ev = tf.nn.softmax(keras_val[f"exit{split}"]).numpy()
                             final_acc = float(np.mean(np.argmax(keras_val["logits"], -1) == yv))
                             entry["exit_threshold"] = exit_threshold(ev, final_acc, yv)
+                            entry["backend"] = backend_model_name(back)
                         else:
                             entry["exit_threshold"] = None
                         if verify:
-                            entry["verify"] = _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test)
-                        if measure_latency:
-                            entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
+                            if kind == "front_end":
+                                entry["verify"] = verify_front(tmp / fname, pt, keras_test[f"exit{split}"], yt)
+                            else:
+                                feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
+                                entry["verify"] = verify_backend(tmp / fname, feats, keras_test["logits"], yt)
                         files.append(entry)
                 if verify:
                     _verify_pipeline(tmp, files, cfg, name, splits_to_export, pt, yt, keras_test)
-        manifest = {
-            "format": "tfbitmeta-manifest", "version": MANIFEST_VERSION, "created_by": "tfbitmeta convert",
-            "model": {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
-                      "num_classes": bm.cfg.num_classes, "exits": list(bm.exits),
-                      "candidate_bits": list(bm.cfg.candidates.bits), "params": bm.count_params()},
-            "labels": meta["dataset"]["class_names"],
-            "input": {"shape": [1, *bm.cfg.input_shape], "dtype": "float32",
-                      "normalization": {"formula": "front ends take pixels: round(resize(x_uint8)) as float32 in [0, 255]; "
-                                                   "(p * input_scale - mean) / std is folded into the first layer "
-                                                   "(Keras models and backends use the normalized values)",
-                                        "mean": norm.mean,
-                                        "std": norm.std, "source_dtype": norm.input_dtype,
-                                        "input_scale": norm.input_scale, "image_size": norm.image_size}},
-            "files": files,
-        }
-        validate_manifest(manifest)
-        for f in files:
-            os.replace(tmp / f["path"], out / f["path"])
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        model = {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
+                 "num_classes": bm.cfg.num_classes, "exits": list(bm.exits),
+                 "candidate_bits": list(bm.cfg.candidates.bits), "params": bm.count_params()}
+        manifest = write_manifest(out, tmp, files, model, meta["dataset"]["class_names"],
+                                  manifest_input(norm, bm.cfg.input_shape), "tfbitmeta convert")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
-def _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test) -> dict:
-    """``pt``: test pixels (what the front-end file takes), ``xt``: the same images normalized (Keras)."""
-    if kind == "front_end":
-        got = run_tflite(buf, pt)["exit_probs"]
-        ref = tf.nn.softmax(keras_test[f"exit{split}"]).numpy()
-    else:
-        feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
-        got = run_tflite(buf, feats)["probs"]
-        ref = tf.nn.softmax(keras_test["logits"]).numpy()
+def _agreement(got: np.ndarray, ref: np.ndarray, yt) -> dict:
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    return {"images": int(len(xt)), "top1_agreement": agree, "max_abs_dprob": float(np.abs(got - ref).max()),
+    return {"images": int(len(got)), "top1_agreement": agree, "max_abs_dprob": float(np.abs(got - ref).max()),
             "tflite_accuracy": float(np.mean(got.argmax(-1) == yt)), "keras_accuracy": float(np.mean(ref.argmax(-1) == yt)),
             "passed": agree >= AGREEMENT_TARGET}
+
+
+def verify_front(path, pixels: np.ndarray, keras_exit_logits, yt) -> dict:
+    """The front-end file on test pixels vs the Keras model's exit head on the same images (normalized)."""
+    return _agreement(run_tflite(path, pixels)["exit_probs"], tf.nn.softmax(keras_exit_logits).numpy(), yt)
+
+
+def verify_backend(path, feats: np.ndarray, keras_logits, yt) -> dict:
+    """The backend file on the Keras extractor's features vs the Keras model's logits."""
+    return _agreement(run_tflite(path, feats)["probs"], tf.nn.softmax(keras_logits).numpy(), yt)
 
 
 def _verify_pipeline(tmp, files, cfg, name, splits, pt, yt, keras_test):

@@ -28,7 +28,7 @@ from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.loop import FitResult, TrainingLoop, checkpoint_bytes
 from tfbitmeta.meta.maml import FOMAML
 from tfbitmeta.meta.protonet import ProtoNet
-from tfbitmeta.meta.run import RunDir, TrainConfig, open_training_run, restore_weights, save_weights
+from tfbitmeta.runs import RunDir, TrainConfig, open_training_run, restore_weights, save_weights
 from tfbitmeta.models import BitModel, ModelConfig, build
 from tfbitmeta.quant.bitwidth import FP, BitSpace, Config, config_name, parse_bit
 

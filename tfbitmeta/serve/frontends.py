@@ -33,9 +33,14 @@ class FrontendCache:
         self._lock = threading.Lock()  # one conversion at a time: the TF converter is not re-entrant
         self.family = None
         if self.run is not None:
-            from tfbitmeta.meta.run import RunDir
+            from tfbitmeta.runs import RunDir, run_kind
 
-            self.family = RunDir(self.run).read_meta()["model"]["family"]
+            meta = RunDir(self.run).read_meta()
+            kind = run_kind(meta)
+            if kind != "mebqat":  # serve --run dispatches on the run's kind
+                raise TfbitmetaError(f"--run {self.run}: on-demand front ends are converted from MEBQAT checkpoints; "
+                                     f"this is a {kind} run: export it with `tfbitmeta convert` and serve --models")
+            self.family = meta["model"]["family"]
 
     def folder(self, cfg: tuple[int, int]) -> Path:
         return self.cache / f"w{bit_name(cfg[0])}a{bit_name(cfg[1])}"
