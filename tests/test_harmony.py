@@ -101,7 +101,8 @@ def test_fine_tuning_the_head_lowers_the_client_loss_and_leaves_the_shared_path(
     i = sim.client_arch[k]
 
     def loss(h):
-        lo, f = sim.space.front(i, bank, h, tf.constant(x[:64]), tf.constant(own))
+        f = sim.space.extract(i, bank, tf.constant(x[:64]), tf.constant(own))
+        lo = sim.space.exit_logits(h, f, tf.constant(own))
         return float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y[:64], lo))), f.numpy()
     tuned = fine_tune_head(sim.space, i, bank, head, x, y, own, cands, steps=30, lr=0.05, batch_size=16, seed=0)
     (l0, f0), (l1, f1) = loss(head), loss(tuned)

@@ -29,8 +29,11 @@ def fine_tune_head(space, arch: int, bank: dict, head: dict, x: np.ndarray, y: n
     def step(xb, yb, j):
         with tf.GradientTape() as tape:
             values = OrderedDict((k, v.read_value()) for k, v in head.items())
-            lo_own, _ = space.front(arch, bank_t, values, xb, own)
-            lo_other, _ = space.front(arch, bank_t, values, xb, cands[j])
+            with tape.stop_recording():  # the shared extractor is frozen: features only
+                f_own = space.extract(arch, bank_t, xb, own)
+                f_other = space.extract(arch, bank_t, xb, cands[j])
+            lo_own = space.exit_logits(values, f_own, own)
+            lo_other = space.exit_logits(values, f_other, cands[j])
             ce = lambda lo: tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, lo))  # noqa: E731
             loss = 0.5 * (ce(lo_own) + ce(lo_other))
         grads = tape.gradient(loss, list(head.values()))
