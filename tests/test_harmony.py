@@ -84,9 +84,17 @@ def test_sampled_views_are_balanced_and_independent_of_the_client(sim):
     assert np.all(np.abs(bshare - 1 / len(sim.bit_choices)) < 0.08), bshare
 
 
-def test_shared_head_variant_averages_the_head():
-    alg = AL.Harmony(share_head=True, lam_head=0.0)
-    assert alg.share_head and alg.lam_head == 0.0 and not alg.labels_to_server
+def test_harmony_components_are_parameters_and_deployment_ablations_train_the_same():
+    h = AL.get("harmony")
+    assert h.share_head and h.lam_head == 0.0 and not h.labels_to_server
+    assert (h.router, h.keep_local, h.finetune_head, h.defer_own_classes) == ("posterior", 0.95, True, True)
+    for name in AL.DEPLOYMENT_ABLATIONS:
+        a = AL.get(name)
+        assert AL.same_training(a, h) and a != h, name
+    assert not AL.same_training(AL.get("harmony-no-contrastive"), h)
+    assert not AL.same_training(AL.get("harmony-personal-heads"), h)
+    s = AL.get("splitgp")
+    assert s.router == "max_softmax" and s.keep_local is None and s.labels_to_server
 
 
 def test_fine_tuning_the_head_lowers_the_client_loss_and_leaves_the_shared_path(sim):

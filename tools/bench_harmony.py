@@ -236,34 +236,12 @@ def _json(o):
 
 
 # -- the stack under test -----------------------------------------------------------------------------------
-# trained algorithms (one training run each) and deployment-time variants of a trained run (same training,
-# another router / no fine-tuning / no deferral: the ablations of the new components, free of training noise)
+# trained algorithms (one training run each); "harmony" is also evaluated as each of its deployment ablations
+# (another router / no fine-tuning / no deferral: the same training run, so free of training noise)
 TRAINED = ["harmony", "splitgp", "fedavg", "local", "centralized", "splitgp-homogeneous",
            "harmony-personal-heads", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"]
-DEPLOY_VARIANTS = {  # name -> (router, fine-tune, defer)
-    "harmony": ("posterior", True, True),
-    "harmony-mahalanobis": ("mahalanobis", True, True),
-    "harmony-max-softmax": ("max_softmax", True, True),
-    "harmony-no-finetune": ("posterior", False, True),
-    "harmony-no-defer": ("posterior", True, False),
-}
 ABLATIONS = {"harmony-personal-heads", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"}
 ORDER = TRAINED
-SPLITGP_CONFIDENCE = 0.8  # SplitGP's fixed confidence rule (uncalibrated), kept as SplitGP's own router
-
-
-def _algorithms():
-    """Ours on top of the stack's Harmony: a shared (FedAvg) exit head that every client receives (the router's
-    federated class posterior and the start of its personal head)."""
-    from tfbitmeta.federated import algorithms as AL
-
-    ours = dict(share_head=True, lam_head=0.0)
-    extra = {"harmony": AL.Harmony(**ours),
-             "harmony-no-contrastive": AL.Harmony(name="harmony-no-contrastive", contrastive=0.0, **ours),
-             "harmony-no-sampling": AL.Harmony(name="harmony-no-sampling", sample=False, server_views="both", **ours),
-             "harmony-no-inner": AL.Harmony(name="harmony-no-inner", inner=False, **ours),
-             "harmony-personal-heads": AL.Harmony(name="harmony-personal-heads")}
-    AL.ALGORITHMS.update(extra)
 
 
 class Job:
@@ -273,14 +251,15 @@ class Job:
     def __init__(self, name: str, dataset: str, seed: int, args):
         from tfbitmeta.federated.simulation import SimConfig, Simulation
 
-        _algorithms()
         base = name.replace("-homogeneous", "")
         archs, bits = args.architectures, args.bits
         if name.endswith("-homogeneous"):  # same architecture and bitwidth everywhere: no representation skew
             archs, bits = archs.split(",")[0], bits.split(",")[len(bits.split(",")) // 2]
         self.name, self.args, self.seed = name, args, seed
-        self.ours = base.startswith("harmony")
-        rounds = args.rounds - (args.finetune_rounds if self.ours and base != "harmony-personal-heads" else 0)
+        from tfbitmeta.federated import algorithms as AL
+
+        # fine-tuning steps at deployment come out of the same budget of client steps
+        rounds = args.rounds - (args.finetune_rounds if AL.get(base).finetune_head else 0)
         self.sim = Simulation(SimConfig(algorithm=base, dataset=dataset, clients=args.clients, rounds=rounds,
                                         local_steps=args.local_steps, batch_size=args.batch_size,
                                         architectures=archs, bits=bits, engine=args.engine, seed=seed),
@@ -340,25 +319,27 @@ class Job:
         return heads
 
     def reports(self, keep_local: float, final: bool) -> dict:
-        """{variant name: report}: the trained algorithm's own evaluation, and at the end of an ours run every
-        deployment variant."""
+        """{algorithm name: report}: the trained algorithm's, and at the end of a "harmony" run also every
+        deployment ablation's (same training).  Before the end, ours is evaluated without fine-tuning."""
+        from tfbitmeta.federated import algorithms as AL
         from tfbitmeta.federated import report
 
-        alg = self.alg
-        router_heads = [self.sim.state["head"]] * self.sim.cfg.clients if alg.share_head and alg.split else None
-        if not self.ours or self.name == "harmony-personal-heads":
-            router = ("server" if alg.centralized else "local" if not alg.split
-                      else "max_softmax" if not self.ours else "mahalanobis")
-            col = report.collect(self.sim, self.validation, None, router_heads)
-            fixed = SPLITGP_CONFIDENCE if router == "max_softmax" else None
-            return {self.name: report.route(self.sim, col, router, keep_local, fixed, False, flops=self.flops())}
-        variants = DEPLOY_VARIANTS if final and self.name == "harmony" else {self.name: DEPLOY_VARIANTS["harmony"]}
+        names = [self.name] + (list(AL.DEPLOYMENT_ABLATIONS) if final and self.name == "harmony" else [])
+        router_heads = [self.sim.state["head"]] * self.sim.cfg.clients if self.alg.share_head and self.alg.split \
+            else None
         out, cols = {}, {}
-        for vname, (router, finetune, defer) in variants.items():
+        for name in names:
+            alg = AL.get(name.replace("-homogeneous", ""))
+            assert AL.same_training(alg, self.alg), name
+            router = "server" if alg.centralized else "local" if not alg.split else alg.router
+            finetune = alg.finetune_head and final
             if finetune not in cols:
-                heads = self.personal_heads(finetune) if final else None
-                cols[finetune] = report.collect(self.sim, self.validation, heads, router_heads)
-            out[vname] = report.route(self.sim, cols[finetune], router, keep_local, None, defer, flops=self.flops())
+                cols[finetune] = report.collect(self.sim, self.validation, self.personal_heads(finetune),
+                                                router_heads)
+            fixed = None if alg.keep_local or router in ("local", "server") else self.sim.cfg.threshold
+            out[name] = report.route(self.sim, cols[finetune], router, alg.keep_local or keep_local, fixed,
+                                     alg.defer_own_classes, flops=self.flops())
+            out[name]["algorithm"] = alg.to_dict()
         return out
 
 

@@ -14,6 +14,14 @@ Each is a frozen description the client work, server work and aggregator read (d
   global`` (0 = take the global model, 1 = keep its own; SplitGP's lambda-mix in between);
 * ``share_bank`` / ``share_head``: whether the aggregator averages them; ``single_arch``: every client runs the
   first architecture; ``centralized``: one learner holds the pooled data (the upper bound).
+
+Deployment (docs/harmony.md; they change nothing in training):
+
+* ``router``: the routing score (``tfbitmeta.federated.routing.SCORES``); ``keep_local``: the share of the
+  client's validation ID images kept local, which calibrates its threshold (None: the fixed ``--threshold``);
+* ``finetune_head``: the client fine-tunes the (shared) exit head on its own data before deploying, the shared
+  head staying its router; ``defer_own_classes``: an offloaded image the server labels as one of the client's
+  classes keeps the exit head's answer.
 """
 from __future__ import annotations
 
@@ -40,6 +48,10 @@ class Algorithm:
     share_head: bool = False
     single_arch: bool = False
     centralized: bool = False
+    router: str = "max_softmax"
+    keep_local: float | None = None
+    finetune_head: bool = False
+    defer_own_classes: bool = False
 
     def to_dict(self) -> dict:
         return {"class": type(self).__name__, **asdict(self)}
@@ -47,7 +59,15 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class Harmony(Algorithm):
-    """Ours: shared extractor bank (HeteroFL), personal exit heads, server CE on sampled views, contrastive on both."""
+    """Ours: shared extractor bank (HeteroFL) and shared exit head, server CE on sampled views, contrastive on both;
+    at deployment a personal head fine-tuned from the shared one, routing on the shared head's posterior mass on
+    the client's classes calibrated on its validation ID data, deferral to the exit head on the client's classes."""
+    share_head: bool = True
+    lam_head: float = 0.0
+    router: str = "posterior"
+    keep_local: float | None = 0.95
+    finetune_head: bool = True
+    defer_own_classes: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,14 @@ ALGORITHMS = {
     "harmony-no-contrastive": Harmony(name="harmony-no-contrastive", contrastive=0.0),
     "harmony-no-sampling": Harmony(name="harmony-no-sampling", sample=False, server_views="both"),
     "harmony-no-inner": Harmony(name="harmony-no-inner", inner=False),
+    # before issue 13: personal exit heads, nothing shared but the bank (routing: Mahalanobis on the features)
+    "harmony-personal-heads": Harmony(name="harmony-personal-heads", share_head=False, lam_head=1.0,
+                                      router="mahalanobis", finetune_head=False, defer_own_classes=False),
+    # one per new deployment component: the same training as "harmony"
+    "harmony-mahalanobis": Harmony(name="harmony-mahalanobis", router="mahalanobis"),
+    "harmony-max-softmax": Harmony(name="harmony-max-softmax", router="max_softmax"),
+    "harmony-no-finetune": Harmony(name="harmony-no-finetune", finetune_head=False),
+    "harmony-no-defer": Harmony(name="harmony-no-defer", defer_own_classes=False),
     "splitgp": SplitGP(),
     "fedavg": FedAvg(),
     "local": Local(),
@@ -124,3 +152,13 @@ def get(name: str, **overrides) -> Algorithm:
     except KeyError:
         raise TfbitmetaError(f"unknown algorithm {name!r}: use {', '.join(ALGORITHMS)}") from None
     return replace(alg, **overrides) if overrides else alg
+
+
+DEPLOYMENT_FIELDS = ("name", "router", "keep_local", "finetune_head", "defer_own_classes")
+DEPLOYMENT_ABLATIONS = ("harmony-mahalanobis", "harmony-max-softmax", "harmony-no-finetune", "harmony-no-defer")
+
+
+def same_training(a: Algorithm, b: Algorithm) -> bool:
+    """Whether two algorithms train identically (they may differ in deployment only)."""
+    da, db = asdict(a), asdict(b)
+    return all(da[k] == db[k] for k in da if k not in DEPLOYMENT_FIELDS) and type(a) is type(b)
