@@ -148,7 +148,8 @@ def targets(table: dict, runs: dict, ours: str) -> dict:
 
 
 # -- plots ---------------------------------------------------------------------------------------------------
-def plot_curves(results: dict, path: Path) -> None:
+def _panels(results: dict, path: Path, draw, xlabel: str, ylabel: str, title: str) -> None:
+    """One panel per dataset; ``draw(ax, alg, runs)`` draws an algorithm's line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,52 +159,45 @@ def plot_curves(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         for alg, runs in results[ds]["runs"].items():
-            if runs[0]["trained_as"] != alg:
-                continue  # deployment variants share their training run's curve
-            steps = [c["client_steps_per_client"] for c in runs[0]["curve"]]
-            acc = np.array([[100 * c["acc_p1"] for c in r["curve"]] for r in runs])
-            line, = ax.plot(steps, acc.mean(0), ".-", label=alg, lw=1.2)
-            if len(runs) > 1:
-                ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("client steps per client (ours: last point after deployment fine-tuning)")
-        ax.set_ylabel("mean client accuracy with OOD, p = 1 (%)")
-        ax.set_title(f"{ds}: accuracy vs rounds (band: seeds min-max)")
+            draw(ax, alg, runs)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ds}: {title}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _curve(ax, alg, runs):
+    if runs[0]["trained_as"] != alg:
+        return  # deployment ablations share their training run's curve
+    steps = [c["client_steps_per_client"] for c in runs[0]["curve"]]
+    acc = np.array([[100 * c["acc_p1"] for c in r["curve"]] for r in runs])
+    line, = ax.plot(steps, acc.mean(0), ".-", label=alg, lw=1.2)
+    if len(runs) > 1:
+        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+
+
+def _sweep(ax, alg, runs):
+    if "sweep" not in runs[0]["clients"][0]:  # no routing: one accuracy
+        acc = np.mean([100 * r["summary"]["p1"]["accuracy"]["mean"] for r in runs])
+        ax.axhline(acc, ls=":", lw=1, color="gray")
+        ax.text(1, acc, f" {alg}", fontsize=7, va="bottom", color="gray")
+        return
+    n = len(runs[0]["clients"][0]["sweep"])
+    mean = lambda m: np.mean([[np.mean([c["sweep"][i][m] for c in r["clients"]]) for i in range(n)]  # noqa: E731
+                              for r in runs], axis=0)
+    ax.plot(100 * mean("offload_ratio"), 100 * mean("accuracy"), "o-", ms=3, label=alg)
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    _panels(results, path, _curve, "client steps per client (ours: last point after deployment fine-tuning)",
+            "mean client accuracy with OOD, p = 1 (%)", "accuracy vs training (band: seeds min-max)")
 
 
 def plot_sweep(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(results)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4.8), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        for alg, runs in results[ds]["runs"].items():
-            if "sweep" not in runs[0]["clients"][0]:
-                acc = np.mean([100 * r["summary"]["p1"]["accuracy"]["mean"] for r in runs])
-                ax.axhline(acc, ls=":", lw=1, color="gray")
-                ax.text(1, acc, f" {alg}", fontsize=7, va="bottom", color="gray")
-                continue
-            keep = [row_["keep_local"] for row_ in runs[0]["clients"][0]["sweep"]]
-            acc = np.mean([[np.mean([c["sweep"][i]["accuracy"] for c in r["clients"]]) for i in range(len(keep))]
-                           for r in runs], axis=0)
-            off = np.mean([[np.mean([c["sweep"][i]["offload_ratio"] for c in r["clients"]]) for i in range(len(keep))]
-                           for r in runs], axis=0)
-            ax.plot(100 * off, 100 * acc, "o-", ms=3, label=alg)
-        ax.set_xlabel("offload ratio at p = 1 (%) (router thresholds: target keep-local 50-100 % of validation ID)")
-        ax.set_ylabel("mean client accuracy, p = 1 (%)")
-        ax.set_title(f"{ds}: accuracy vs offload")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _panels(results, path, _sweep, "offload ratio at p = 1 (%) (keep-local targets 50-100 % of validation ID)",
+            "mean client accuracy, p = 1 (%)", "accuracy vs offload")
 
 
 def markdown(results: dict) -> str:
