@@ -144,3 +144,6 @@ def test_report_routes_with_a_threshold_from_validation_id_data_only(sim):
         assert d["accuracy"] == pytest.approx(d["accuracy_from_parts"])
         assert 0 <= d["shortcut"] <= 1 and d["ood_samples"] == d["samples"] // 2
     assert set(rep["summary"]["scores"]) >= {"max_softmax", "energy", "mahalanobis"}
+    al = report.alignment(sim, n_images=64)
+    assert -1 <= al["other_image_cosine"] <= 1 and -1 <= al["same_image_cosine"] <= 1
+    assert 0 <= al["server_label_agreement_across_architectures"] <= 1

@@ -90,6 +90,9 @@ def row(rep: dict) -> dict:
     out["auroc"] = s["scores"].get(router, {}).get("auroc", {}).get("mean") if router in s["scores"] else None
     for kind, m in s["scores"].items():
         out[f"auroc_{kind}"] = m["auroc"]["mean"]
+    for key, v in rep.get("alignment", {}).items():
+        if key in ("same_image_cosine", "other_image_cosine", "server_label_agreement_across_architectures"):
+            out[key] = v
     out["client_steps"] = rep["budget"]["client_steps"]
     out["train_seconds"] = rep["train_seconds"]
     out["wall_seconds"] = rep["wall_seconds"]
@@ -334,6 +337,10 @@ class Job:
             out[name] = report.route(self.sim, cols[finetune], router, alg.keep_local or keep_local, fixed,
                                      alg.defer_own_classes, flops=self.flops())
             out[name]["algorithm"] = alg.to_dict()
+        if final:
+            align = report.alignment(self.sim, seed=self.seed)
+            for rep in out.values():
+                rep["alignment"] = align
         return out
 
 

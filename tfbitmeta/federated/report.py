@@ -164,3 +164,40 @@ def model_flops(sim) -> dict:
     out = {a.name: profile(fe, sp.input_shape) for a, fe in zip(sim.archs, sp.fronts)}
     out["server"] = profile(sp.server_bm.backend(SERVER.split), sp.feature_shape)
     return out
+
+
+def alignment(sim, n_images: int = 300, seed: int = 0) -> dict:
+    """How well the contrastive alignment works: the same test images through every architecture's extractor
+    (shared bank, BatchNorm calibrated on a pooled sample of training images, the middle candidate bitwidth).
+    Reports the mean cosine similarity of one image's features across two architectures against that of two
+    different images, and how often the server gives one image the same label whichever extractor made it."""
+    from tfbitmeta.federated.architectures import SERVER
+
+    if len(sim.archs) < 2 or not sim.alg.split:
+        return {}
+    sp = sim.space
+    rng = np.random.default_rng([seed, 11])
+    x = sim.norm.apply(sim.data.x_test[rng.choice(len(sim.data.x_test), n_images, replace=False)]).numpy()
+    calib = sim.x_train[rng.choice(len(sim.x_train), 512, replace=False)]
+    b = sim.bit_choices[len(sim.bit_choices) // 2]
+    bank = {k: np.asarray(v) for k, v in sim.state["bank"].items()}
+    head = {k: np.asarray(v) for k, v in sim.state["head"].items()}
+    feats = []
+    for i in range(len(sim.archs)):
+        sp.client_model(i, bank, head)
+        calibrate_batchnorm(sp.fronts[i], [tf.constant(calib[j:j + 256]) for j in range(0, 512, 256)], [(b, b)])
+        feats.append(_run(sp.fronts[i], x, b)["features"])
+    backend = sp.server_bitmodel(sim.state["server"]).backend(SERVER.split)
+    calibrate_batchnorm(backend, [tf.constant(f) for f in feats], [(FP, FP)])
+    preds = [backend([f, np.tile(_bits(FP), (len(f), 1))], training=False).numpy().argmax(1) for f in feats]
+    flat = [f.reshape(len(f), -1) / (np.linalg.norm(f.reshape(len(f), -1), axis=1, keepdims=True) + 1e-12)
+            for f in feats]
+    same, other, agree = [], [], []
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            same.append(float(np.mean(np.sum(flat[i] * flat[j], 1))))
+            other.append(float(np.mean(np.sum(flat[i] * np.roll(flat[j], 1, axis=0), 1))))
+            agree.append(float(np.mean(preds[i] == preds[j])))
+    return {"same_image_cosine": float(np.mean(same)), "other_image_cosine": float(np.mean(other)),
+            "server_label_agreement_across_architectures": float(np.mean(agree)), "bits": int(b),
+            "images": int(n_images)}
