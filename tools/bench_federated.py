@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--bits", default="2,4,8")
     ap.add_argument("--algorithms", default=",".join(ORDER))
     ap.add_argument("--engine", default="tff", choices=["tff", "tf"], help="engine of every algorithm's run")
+    ap.add_argument("--engine-rounds", type=int, default=None,
+                    help="rounds of the HARMONY run on the other engine (round-time ratio) [default: --rounds]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
@@ -80,10 +82,11 @@ def main() -> None:
     engines = {}
     if "harmony" in runs:
         other = "tf" if args.engine == "tff" else "tff"
-        sim, res = simulate(SimConfig(algorithm="harmony", engine=other, **base), out=args.runs / f"harmony_{other}",
-                            progress=True)
+        n = args.engine_rounds or args.rounds
+        sim, res = simulate(SimConfig(algorithm="harmony", engine=other, **{**base, "rounds": n}),
+                            out=args.runs / f"harmony_{other}", progress=True)
         res.pop("predictions")
-        engines = {args.engine: runs["harmony"]["round_seconds"], other: res["round_seconds"]}
+        engines = {args.engine: runs["harmony"]["round_seconds"][:n], other: res["round_seconds"]}
         same = abs(res["mean"]["p1"]["accuracy"] - runs["harmony"]["mean"]["p1"]["accuracy"])
         engines["accuracy_difference_p1"] = same
     summary = summarize(runs, engines)

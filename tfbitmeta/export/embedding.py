@@ -11,7 +11,6 @@ same calibrated statistics, their prediction agreement, and the transductive Ker
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -59,7 +59,7 @@ class ClientWork:
     def _own_features(self, own, bank, x, tasks):
         """Features of the batch through the client's own architecture at each of the T task bitwidths (T, B, ...)."""
         T = tasks.shape[0]
-        if len(self.space.archs) == 1:
+        if len(self.space.archs) == 1 or self.alg.single_arch:  # every client runs architecture 0
             return tf.stack([self.space.extract(0, bank, x, tasks[t]) for t in range(T)])
         branches = [lambda i=i: tf.stack([self.space.extract(i, bank, x, tasks[t]) for t in range(T)])
                     for i in range(len(self.space.archs))]

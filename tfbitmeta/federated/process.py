@@ -112,7 +112,7 @@ class TffProcess(LocalProcess):
         @tfc(shared_t, cstate_t, data_t)
         def client_work(shared, cstate, data):
             d = OrderedDict((k, v) for k, v in data.items() if k != "slot")
-            new, contribution, metrics = client.round(shared, cstate, d)
+            new, contribution, metrics = self._round(shared, cstate, d)  # the tf.function: AutoGraph loops
             return data["slot"], new, contribution, metrics
 
         out_t = client_work.type_signature.result

@@ -326,13 +326,13 @@ def predictions(deployed: Deployed, x_test: np.ndarray) -> dict:
     return {"exit_probs": np.stack(exit_p), "server_probs": np.stack(server_p)}
 
 
-def client_flops(bm, split: int) -> float:
-    """FLOPs of the front end (extractor + exit head) for one image, from the TF profiler."""
+def model_flops(model: tf.keras.Model) -> float:
+    """FLOPs of a ``[x, bits]`` Keras model for one input, from the TF profiler (front end: extractor + exit
+    head; backend: features to logits)."""
     from tensorflow.python.profiler import model_analyzer, option_builder
 
-    fe = bm.front_end(split)
-    fn = tf.function(lambda x, b: fe([x, b], training=False)).get_concrete_function(
-        tf.TensorSpec([1, *bm.cfg.input_shape], tf.float32), tf.TensorSpec([1, 2], tf.float32))
+    fn = tf.function(lambda x, b: model([x, b], training=False)).get_concrete_function(
+        tf.TensorSpec([1, *model.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([1, 2], tf.float32))
     opts = option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation()) \
         .with_empty_output().build()
     return float(model_analyzer.profile(fn.graph, options=opts).total_float_ops)
@@ -378,10 +378,10 @@ def evaluate_run(run_path: Path, threshold: float | None = None, write: bool = T
     meta = dep.meta
     data = datasets.load(meta["config"]["dataset"], seed=meta["config"]["seed"])
     preds = predictions(dep, dep.norm.apply(data.x_test).numpy())
-    flops = {}
+    flops = {"server": model_flops(dep.backend)}
     for c in meta["clients"]:
         if c["architecture"] not in flops:
-            flops[c["architecture"]] = client_flops(dep.client(c["client"]), c["split"])
+            flops[c["architecture"]] = model_flops(dep.client(c["client"]).front_end(c["split"]))
     results = evaluate_predictions(meta, preds, data.y_test.astype(np.int32), threshold, flops=flops)
     if write:
         np.savez_compressed(dep.run.path / "predictions.npz", **{k: v.astype(np.float16) for k, v in preds.items()})
