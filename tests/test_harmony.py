@@ -101,7 +101,7 @@ def test_fine_tuning_the_head_lowers_the_client_loss_and_leaves_the_shared_path(
     from tfbitmeta.federated.personalize import fine_tune_head
 
     k = 0
-    bank, head = sim.deployed_weights(k)
+    bank, head = sim.deployed_weights(k, personal=False)
     tr = sim.parts[k].train
     x, y = sim.x_train[tr], sim.y_train[tr]
     own = np.array([sim.client_bits[k]] * 2, np.float32)
@@ -117,6 +117,10 @@ def test_fine_tuning_the_head_lowers_the_client_loss_and_leaves_the_shared_path(
     assert l1 < l0 - 0.05, (l0, l1)
     np.testing.assert_allclose(f0, f1)  # the features (server path) do not depend on the personal head
     assert set(tuned) == set(head)
+    # what the client deploys is that fine-tuned head (with the simulation's steps), the bank unchanged
+    b2, deployed = sim.deployed_weights(k)
+    assert all(np.array_equal(b2[n], bank[n]) for n in bank)
+    assert not all(np.allclose(deployed[n], head[n]) for n in head)
 
 
 def test_report_routes_with_a_threshold_from_validation_id_data_only(sim):

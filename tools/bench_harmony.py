@@ -259,7 +259,8 @@ class Job:
         rounds = args.rounds - (args.finetune_rounds if AL.get(base).finetune_head else 0)
         self.sim = Simulation(SimConfig(algorithm=base, dataset=dataset, clients=args.clients, rounds=rounds,
                                         local_steps=args.local_steps, batch_size=args.batch_size,
-                                        architectures=archs, bits=bits, engine=args.engine, seed=seed),
+                                        architectures=archs, bits=bits, engine=args.engine, seed=seed,
+                                        finetune_steps=args.finetune_rounds * args.local_steps, lr=0.05),
                               progress=False)
         self.alg, sim = self.sim.alg, self.sim
         self.validation = []
@@ -297,23 +298,16 @@ class Job:
         self._flops = self._flops or model_flops(self.sim)
         return self._flops
 
-    def personal_heads(self, finetune: bool) -> list | None:
-        from tfbitmeta.federated.personalize import fine_tune_head
-
-        if not finetune:
-            return None
-        sim, steps = self.sim, self.args.finetune_rounds * self.sim.cfg.local_steps
-        self.finetune_steps = steps
-        heads = []
-        for k in range(sim.cfg.clients):
-            bank, head = sim.deployed_weights(k)
-            tr = sim.parts[k].train
-            own = np.array([sim.client_bits[k]] * 2, np.float32)
-            cands = [np.array([b, b], np.float32) for b in sim.bit_choices]
-            heads.append(fine_tune_head(sim.space, sim.client_arch[k], bank, head, sim.x_train[tr], sim.y_train[tr],
-                                        own, cands, steps, self.args.finetune_lr, sim.cfg.batch_size,
-                                        self.seed + 77 + k))
-        return heads
+    def personal_heads(self, finetune: bool) -> list:
+        """The exit heads the clients answer with: fine-tuned at deployment (``Simulation.deployed_weights``) or
+        the head they received."""
+        sim = self.sim
+        if finetune:
+            self.finetune_steps = sim.cfg.finetune_steps
+            return [sim.deployed_weights(k)[1] for k in range(sim.cfg.clients)]
+        st = [sim.client_states[0 if self.alg.centralized else k] for k in range(sim.cfg.clients)]
+        return [{n: np.asarray(v) for n, v in (sim.state["head"] if self.alg.share_head else s["head"]).items()}
+                for s in st] if self.alg.finetune_head else [None] * sim.cfg.clients
 
     def reports(self, keep_local: float, final: bool) -> dict:
         """{algorithm name: report}: the trained algorithm's, and at the end of a "harmony" run also every
@@ -369,7 +363,6 @@ def main() -> None:
     ap.add_argument("--finetune-rounds", type=int, default=2,
                     help="ours: the last N rounds' worth of client steps go to fine-tuning the exit head at "
                          "deployment (so every algorithm has the same client steps)")
-    ap.add_argument("--finetune-lr", type=float, default=0.05)
     ap.add_argument("--quick", action="store_true", help="smoke run: digits, 4 clients, 2 rounds, one seed")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="harmony")

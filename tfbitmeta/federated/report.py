@@ -84,8 +84,9 @@ def collect(sim, validation: list, personal_heads: list | None = None, router_he
         tr = np.random.default_rng([sim.cfg.seed, 5, k]).permutation(part.train)[:MAHALANOBIS_IMAGES]
         images = {"validation": sim.x_train[validation[k]], "test": x_test[idx], "train": sim.x_train[tr],
                   "calibration": np.concatenate(sim.calibration_images(k))}
-        bank, head = sim.deployed_weights(k)
-        if personal_heads is not None and personal_heads[k] is not None:
+        given = personal_heads is not None and personal_heads[k] is not None
+        bank, head = sim.deployed_weights(k, personal=not given)
+        if given:
             head = personal_heads[k]
         personal = front_arrays(sim, k, bank, head, images)
         o = {"id_classes": part.id_classes, "test_indices": idx, "is_ood": is_ood,

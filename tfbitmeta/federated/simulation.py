@@ -69,6 +69,7 @@ class SimConfig:
     workers: list = field(default_factory=list)
     limit_train: int | None = None
     calib_images: int = 512
+    finetune_steps: int = 10  # deployment fine-tuning of the exit head (algorithms with finetune_head)
     seed: int = 0
 
     def check(self) -> None:
@@ -210,15 +211,34 @@ class Simulation:
         return self.history
 
     # -- what each client deploys ----------------------------------------------------------------------------
-    def deployed_weights(self, k: int) -> tuple[dict, dict]:
+    def deployed_weights(self, k: int, personal: bool = True) -> tuple[dict, dict]:
         """(bank, head) client k deploys: what it keeps of its own model when it receives the aggregate (the
         shared bank for HARMONY and FedAvg, SplitGP's lambda-mix, its own for local; the pooled learner's for
-        the centralized bound)."""
+        the centralized bound).  With ``finetune_head`` the head is the personal one fine-tuned from it
+        (``personal=False``: the head received)."""
         st = self.client_states[0 if self.alg.centralized else k]
         own = lambda tree: {n: np.asarray(v) for n, v in tree.items()}  # noqa: E731
         bank = own(mix(st["bank"], self.state["bank"], self.alg.lam_bank if not self.alg.centralized else 1.0))
         head = own(mix(st["head"], self.state["head"], self.alg.lam_head if not self.alg.centralized else 1.0))
+        if personal and self.alg.finetune_head and not self.alg.centralized and self.cfg.finetune_steps:
+            head = self.personal_head(k, bank, head)
         return bank, head
+
+    def personal_head(self, k: int, bank: dict, head: dict) -> dict:
+        """Client k's exit head fine-tuned at deployment on its own training data (``finetune_steps`` steps from
+        the shared head, bank frozen; docs/harmony.md), computed once per trained state."""
+        from tfbitmeta.federated.personalize import fine_tune_head
+
+        key = (k, int(self.state["round"]))
+        cache = self.__dict__.setdefault("_personal_heads", {})
+        if key not in cache:
+            tr = self.parts[k].train
+            own = np.array([self.client_bits[k]] * 2, np.float32)
+            cands = [np.array([b, b], np.float32) for b in self.bit_choices]
+            cache[key] = fine_tune_head(self.space, self.client_arch[k], bank, head, self.x_train[tr],
+                                        self.y_train[tr], own, cands, self.cfg.finetune_steps, self.cfg.lr,
+                                        self.cfg.batch_size, self.cfg.seed + 77 + k)
+        return cache[key]
 
     def calibration_images(self, k: int) -> list[np.ndarray]:
         idx = self.parts[k].train
