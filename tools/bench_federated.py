@@ -26,8 +26,8 @@ from tfbitmeta.federated.algorithms import ALGORITHMS  # noqa: E402
 from tfbitmeta.federated.simulation import SimConfig, evaluate_predictions, format_table, simulate  # noqa: E402
 from tfbitmeta.federated.workers import install_reaper  # noqa: E402
 
-ORDER = ["harmony", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner", "splitgp", "fedavg", "local",
-         "centralized"]
+ORDER = ["harmony", "splitgp", "fedavg", "local", "centralized", "harmony-no-contrastive", "harmony-no-sampling",
+         "harmony-no-inner"]
 
 
 def main() -> None:
@@ -78,6 +78,7 @@ def main() -> None:
         res["history"] = sim.history
         runs[alg] = res
         print(f"\n== {alg} ({res['wall_seconds']:.0f} s)\n{format_table(res)}", flush=True)
+        write(args, runs, {})  # partial results survive an interrupted benchmark
     # the same HARMONY work on the other engine: TFF overhead per round (round 1 = tracing, left out)
     engines = {}
     if "harmony" in runs:
@@ -89,6 +90,11 @@ def main() -> None:
         engines = {args.engine: runs["harmony"]["round_seconds"][:n], other: res["round_seconds"]}
         same = abs(res["mean"]["p1"]["accuracy"] - runs["harmony"]["mean"]["p1"]["accuracy"])
         engines["accuracy_difference_p1"] = same
+    write(args, runs, engines)
+    print(json.dumps(write(args, runs, engines), indent=2))
+
+
+def write(args, runs: dict, engines: dict) -> dict:
     summary = summarize(runs, engines)
     meta = {"command": "uv run python tools/bench_federated.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
@@ -97,11 +103,12 @@ def main() -> None:
                        "examples_per_learner_round": args.local_steps * args.batch_size,
                        "note": "every algorithm processes the same examples per round; centralized: one learner "
                                "with clients x local_steps steps"},
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"),
+            "algorithms_done": list(runs), "complete": bool(engines)}
     (args.out / "federated_fashion_mnist.json").write_text(json.dumps(
         {"meta": meta, "summary": summary, "runs": runs}, indent=2, default=_json))
     plot(runs, summary, args.out / "federated_fashion_mnist.png")
-    print(json.dumps(summary, indent=2))
+    return summary
 
 
 def _json(o):
