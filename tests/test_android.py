@@ -39,6 +39,18 @@ def test_android_assets_copies_verified_front_ends_and_samples(exported, tiny_ru
     assert r.exit_code == 1 and "sha256" in r.output
 
 
+def _golden_tool():
+    """tools/make_golden.py as a module; skips (fails under CI) without the JVM build of .ci/run."""
+    if not (ROOT / "android_demo" / "build-ci" / "core-test").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("android_demo/build-ci is missing: .ci/run must run `android_demo/ci/jvm.sh setup` first")
+        pytest.skip("run `bash android_demo/ci/jvm.sh setup` first (JDK 17, npm, Maven Central)")
+    spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tools" / "make_golden.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 @pytest.fixture(scope="module")
 def token_server(exported):
     from tfbitmeta.serve.app import create_app
@@ -52,13 +64,7 @@ def token_server(exported):
 
 
 def test_kotlin_core_junit_against_golden_vectors_and_live_server(exported, tiny_run, token_server, tmp_path, capsys):
-    if not (ROOT / "android_demo" / "build-ci" / "core-test").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("android_demo/build-ci is missing: .ci/run must run `android_demo/ci/jvm.sh setup` first")
-        pytest.skip("run `bash android_demo/ci/jvm.sh setup` first (JDK 17, npm, Maven Central)")
-    spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tools" / "make_golden.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _golden_tool()
     golden = tool.main(["--run", str(tiny_run), "--models", str(exported[0]), "--bits", "2,4,8,fp", "--images", "3",
                         "--out", str(tmp_path / "golden")])
     assert {c["bits"] for c in golden["cases"]} == {"2", "4", "8", "fp"}
@@ -76,17 +82,11 @@ def test_kotlin_core_junit_against_golden_vectors_and_live_server(exported, tiny
 
 def test_kotlin_core_junit_against_a_federated_client(sfl_models, sfl_run, tmp_path, capsys):
     """The same JUnit suite on a federated export: one client's front ends (client 1), its explicit backend."""
-    if not (ROOT / "android_demo" / "build-ci" / "core-test").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("android_demo/build-ci is missing: .ci/run must run `android_demo/ci/jvm.sh setup` first")
-        pytest.skip("run `bash android_demo/ci/jvm.sh setup` first (JDK 17, npm, Maven Central)")
     from tfbitmeta.serve.app import create_app
     from tfbitmeta.serve.config import ServeConfig
     from tfbitmeta.serve.runner import BackgroundServer
 
-    spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tools" / "make_golden.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _golden_tool()
     models = sfl_models[0]
     golden = tool.main(["--run", str(sfl_run[0]), "--models", str(models), "--client", "1", "--bits", "2,4,8",
                         "--images", "2", "--out", str(tmp_path / "golden")])
