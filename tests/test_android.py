@@ -45,6 +45,18 @@ def test_android_assets_copies_verified_front_ends_and_samples(exported, tiny_ru
     assert r.exit_code == 1 and "sha256" in r.output
 
 
+def _golden_tool():
+    """tools/make_golden.py as a module; skips (fails under CI) without the JVM build of .ci/run."""
+    if not (ROOT / "android_demo" / "build-ci" / "core-test").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("android_demo/build-ci is missing: .ci/run must run `android_demo/ci/jvm.sh setup` first")
+        pytest.skip("run `bash android_demo/ci/jvm.sh setup` first (JDK 17, npm, Maven Central)")
+    spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tools" / "make_golden.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 @pytest.fixture(scope="module")
 def token_server(exported):
     from tfbitmeta.serve.app import create_app
@@ -68,9 +80,7 @@ def need_jvm_build():
 def golden(exported, tiny_run, tmp_path_factory):
     """Golden vectors of ``exported`` from tools/make_golden.py: (folder, golden.json)."""
     need_jvm_build()
-    spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tools" / "make_golden.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _golden_tool()
     out = tmp_path_factory.mktemp("golden")
     g = tool.main(["--run", str(tiny_run), "--models", str(exported[0]), "--bits", "2,4,8,fp", "--images", "3",
                    "--out", str(out)])
@@ -209,3 +219,27 @@ def test_android_apk_command_runs_the_build_script(exported, tmp_path, capfd):
     assert r.exit_code == 1 and "build-apk.sh failed" in r.output, r.output
     assert "unknown ABI 'mips'" in capfd.readouterr().err
     assert not (tmp_path / "x.apk").exists()
+
+
+def test_kotlin_core_junit_against_a_federated_client(sfl_models, sfl_run, tmp_path, capsys):
+    """The same JUnit suite on a federated export: one client's front ends (client 1), its explicit backend."""
+    need_jvm_build()
+    from tfbitmeta.serve.app import create_app
+    from tfbitmeta.serve.config import ServeConfig
+    from tfbitmeta.serve.runner import BackgroundServer
+
+    tool = _golden_tool()
+    models = sfl_models[0]
+    golden = tool.main(["--run", str(sfl_run[0]), "--models", str(models), "--client", "1", "--bits", "2,4,8",
+                        "--images", "2", "--out", str(tmp_path / "golden")])
+    assert {c["backend"] for c in golden["cases"]} == {"server_2", "server_4", "server_8"}
+    assert all(c["front_end"].startswith("client1_") for c in golden["cases"])
+    cfg = ServeConfig(models=models, host="127.0.0.1", port=free_port(), token=TOKEN, max_delay_ms=0)
+    with BackgroundServer(create_app(cfg), cfg) as url:
+        env = {**os.environ, "TFBITMETA_GOLDEN": str(tmp_path / "golden"), "TFBITMETA_MODELS": str(models),
+               "TFBITMETA_SERVER": url, "TFBITMETA_TOKEN": TOKEN}
+        p = subprocess.run(["bash", str(JVM), "test"], env=env, capture_output=True, text=True, timeout=600)
+    summary = [line for line in p.stdout.splitlines() if line.endswith("skipped") and "passed" in line]
+    with capsys.disabled():
+        print(f"\nandroid_demo JVM tests (federated client 1): {summary[-1] if summary else 'no summary'}")
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]

@@ -26,7 +26,7 @@ def digit(tiny_run, tmp_path_factory):
     from PIL import Image
 
     from tfbitmeta.data import datasets
-    from tfbitmeta.meta.run import RunDir
+    from tfbitmeta.runs import RunDir
 
     pixels = RunDir(tiny_run).normalization().pixels(datasets.load("digits").x_test[:1]).numpy()[0]
     path = tmp_path_factory.mktemp("img") / "digit.png"

@@ -37,7 +37,7 @@ def test_fixed_point_helpers_match_tflite_rounding():
 def test_emulation_equals_interpreter_bit_for_bit_at_every_bitwidth_and_exit(run_1bit):
     """Every output of every front end and backend, 1/2/4/8 bit and fp, on the whole digits test set."""
     from tfbitmeta.data import datasets
-    from tfbitmeta.meta.run import RunDir
+    from tfbitmeta.runs import RunDir
 
     run = RunDir(run_1bit)
     bm, norm = run.load_model(), run.normalization()
@@ -131,7 +131,7 @@ def test_exit_report_is_computed():
 def test_manifest_threshold_is_the_validation_choice_and_the_test_report_recomputes(exported, tiny_run):
     from tfbitmeta.data import datasets
     from tfbitmeta.export.convert import run_tflite
-    from tfbitmeta.meta.run import RunDir
+    from tfbitmeta.runs import RunDir
 
     out, manifest, _ = exported
     norm = RunDir(tiny_run).normalization()

@@ -56,7 +56,7 @@ def test_parity_with_keras(exported):
 def test_front_features_feed_backend(exported, tiny_run):
     out, _, _ = exported
     from tfbitmeta.data import datasets
-    from tfbitmeta.meta.run import RunDir
+    from tfbitmeta.runs import RunDir
     from tfbitmeta.quant import bits_tensor
 
     run = RunDir(tiny_run)
@@ -91,7 +91,7 @@ def test_unknown_checkpoint_and_unwritable_out(tiny_run, tmp_path):
 
 def test_aligned_biases_put_folded_bias_on_the_int32_grid_and_restore(tiny_run):
     from tfbitmeta.export.graph import ExportGraph, aligned_biases
-    from tfbitmeta.meta.run import RunDir
+    from tfbitmeta.runs import RunDir
 
     run = RunDir(tiny_run)
     bm, norm = run.load_model(), run.normalization()

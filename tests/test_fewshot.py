@@ -24,7 +24,7 @@ from tfbitmeta.meta.fewshot.evaluation import evaluate_baseline
 from tfbitmeta.meta.fewshot.hausdorff import HausdorffNearestSupport, modified_hausdorff
 from tfbitmeta.meta.fewshot.protonet import proto_loss, prototypes, squared_distances
 from tfbitmeta.meta.fewshot.trainer import TaskSampler, prepare
-from tfbitmeta.meta.run import TrainConfig
+from tfbitmeta.runs import TrainConfig
 from tfbitmeta.quant.bitwidth import FP
 
 ALPHABETS = {"Alpha": 6, "Beta": 6, "Gamma": 6, "Delta": 6, "Epsilon": 6}

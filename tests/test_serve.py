@@ -25,7 +25,7 @@ PREDICT = f"/v1/models/{MODEL}:predict"
 @pytest.fixture(scope="module")
 def digits_pixels(tiny_run):
     from tfbitmeta.data import datasets
-    from tfbitmeta.meta.run import RunDir
+    from tfbitmeta.runs import RunDir
 
     run = RunDir(tiny_run)
     raw = datasets.load("digits").x_test[:64]
@@ -250,7 +250,7 @@ def test_unparseable_http_gets_a_json_400(server):
 
 def test_on_demand_frontend_matches_its_sha256_and_keras(server, tiny_run, digits_pixels):
     from tfbitmeta.export.graph import aligned_biases
-    from tfbitmeta.meta.run import RunDir
+    from tfbitmeta.runs import RunDir
     from tfbitmeta.quant import bits_tensor
 
     url, app = server

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfbitmeta.meta.methods import MEBQAT, AnyPrecision, Dedicated, make_method
-from tfbitmeta.meta.run import TrainConfig
+from tfbitmeta.runs import TrainConfig
 from tfbitmeta.meta.train import ModelOptions, prepare
 from tfbitmeta.quant import BitSpace
 from tfbitmeta.quant.bitwidth import DEFAULT_BITS, FP

@@ -37,7 +37,7 @@ MEBQAT_METHODS = "tfbitmeta.meta.methods:METHODS"
 FEWSHOT_METHODS = "tfbitmeta.meta.fewshot.config:METHODS"
 SCHEMES = "tfbitmeta.quant.quantizers:SCHEMES"
 DEFAULT_SCHEME = "tfbitmeta.quant.quantizers:DEFAULT_SCHEME"
-ALGORITHMS = "tfbitmeta.federated.simulation:ALGORITHMS"
+ALGORITHMS = "tfbitmeta.federated.algorithms:ALGORITHMS"
 
 
 def registry(ref: str):
@@ -122,11 +122,11 @@ def fewshot_options(fn):
     return fn
 
 
-def is_fewshot_run(run: Path) -> bool:
-    try:
-        return "fewshot" in json.loads((Path(run) / "run.json").read_text())
-    except (OSError, ValueError):
-        return False
+def run_kind(run: Path) -> str:
+    """``mebqat``, ``fewshot`` or ``federated`` from the run's run.json (the commands dispatch on it)."""
+    from tfbitmeta.runs import RunDir, run_kind as kind_of
+
+    return kind_of(RunDir(run).read_meta())
 
 
 def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, epochs, steps, lr, patience,
@@ -142,7 +142,7 @@ def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, e
     from tfbitmeta.meta.fewshot.config import METHODS, RECIPE, FewShotConfig, parse_train_bits
     from tfbitmeta.meta.fewshot.evaluation import format_rows
     from tfbitmeta.meta.fewshot.trainer import train as run_train
-    from tfbitmeta.meta.run import TrainConfig
+    from tfbitmeta.runs import TrainConfig
     from tfbitmeta.models.base import first_last_precision
 
     recipe = RECIPE[METHODS[method]]  # the default recipe unless a flag says otherwise
@@ -228,7 +228,7 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
     elif w_eq_a is None:
         w_eq_a = method == "anyprec"
     from tfbitmeta.meta.evaluate import format_table
-    from tfbitmeta.meta.run import TrainConfig
+    from tfbitmeta.runs import TrainConfig
     from tfbitmeta.meta.train import ModelOptions
     from tfbitmeta.meta.train import train as run_train
 
@@ -267,10 +267,20 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
               help="also convert each bitwidth and report what the integer TFLite files answer (integer-exact "
                    "reference, whole test set) and the early-exit fraction / exit-or-continue accuracy")
 @user_errors
-def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, baseline, deployed):
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="federated runs: early-exit confidence threshold [default: the run's]")
+def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, baseline, deployed, threshold):
     """Evaluate a trained run at many bitwidths: fake-quant and deployed (integer) accuracy side by side, early
-    exits at the validation-chosen threshold (table, results.json, accuracy_vs_bits.png)."""
-    if is_fewshot_run(run):
+    exits at the validation-chosen threshold (table, results.json, accuracy_vs_bits.png); a federated run: its
+    per-client table from the deployed checkpoints."""
+    kind = run_kind(run)
+    if kind == "federated":
+        from tfbitmeta.federated.simulation import evaluate_run, format_table
+
+        result = evaluate_run(run, threshold, write=False)
+        click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+        return
+    if kind == "fewshot":
         from tfbitmeta.meta.fewshot.evaluation import evaluate_run, format_rows
 
         result = evaluate_run(run, bits, episodes, setting, out, test_dir=test_dir, baseline=baseline)
@@ -286,7 +296,9 @@ def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, b
 
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--bits", default="2,4,8,fp", show_default=True, help="bitwidths to export (w=a), e.g. '2,4,8,fp' or 'all'")
+@click.option("--bits", default=None,
+              help="bitwidths to export (w=a), e.g. '2,4,8,fp' or 'all' [default: 2,4,8,fp; federated runs: 'own', "
+                   "each client's own bitwidth]")
 @click.option("--exits", default="all", show_default=True, help="early-exit heads (split numbers) or 'all'")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="output folder for .tflite files + manifest.json")
 @click.option("--verify/--no-verify", default=False, show_default=True,
@@ -301,19 +313,19 @@ def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, b
 def convert(run, bits, exits, out, verify, verify_images, float16, int8_weights, no_latency):
     """Export TFLite files per bitwidth and exit head (front end + backend) with a manifest.
 
-    RUN may also be a `tfbitmeta simulate` run (every client's front end and the server backend are exported) or
+    RUN may also be a `tfbitmeta simulate` run (every client's front end per bitwidth and the server backend) or
     a few-shot ProtoNet run (one embedding file per bitwidth; prototypes are computed on device)."""
-    from tfbitmeta.export.federated import is_federated_run
-
-    if is_federated_run(run):
-        return _convert_federated(run, out, verify, verify_images)
-    if is_fewshot_run(run):
-        from tfbitmeta.export.embedding import export_embedding
+    kind = run_kind(run)
+    if kind == "federated":
+        return _convert_federated(run, out, bits or "own", verify, verify_images, not int8_weights, not no_latency)
+    bits = bits or "2,4,8,fp"
+    if kind == "fewshot":
+        from tfbitmeta.export.embedding import export_embeddings
 
         failed = []
-        for b in bits.split(","):
-            e = export_embedding(run, b, out, int4=not int8_weights, verify_episodes=50 if verify else 0,
-                                 progress=lambda m: click.echo(m, err=True))
+        manifest = export_embeddings(run, bits, out, int4=not int8_weights, verify_episodes=50 if verify else 0,
+                                     progress=lambda m: click.echo(m, err=True))
+        for e in manifest["files"]:
             v = e.get("verify")
             click.echo(f"{e['path']:<24} {e['bytes']:>9} B  dim {e['embedding_dim']}"
                        + (f"  {v['setting']} accuracy tflite {100 * v['tflite_acc']:.2f}% / keras "
@@ -360,10 +372,18 @@ def _report_written(manifest: dict, out: Path) -> None:
                                    f"{100 * AGREEMENT_TARGET:.1f}%): {', '.join(failed)}")
 
 
-def _convert_federated(run, out, verify, verify_images):
+def _convert_federated(run, out, bits, verify, verify_images, int4, measure_latency):
     from tfbitmeta.export.federated import export_federated
 
-    manifest = export_federated(run, out, verify=verify, n_verify=verify_images, progress=lambda m: click.echo(m, err=True))
+    manifest = export_federated(run, out, bits, verify=verify, n_verify=verify_images, int4=int4,
+                                measure_latency=measure_latency, progress=lambda m: click.echo(m, err=True))
+    rows = []
+    for f in manifest["files"]:
+        v = f.get("verify") or {}
+        who = f"client {f['client']} {f['architecture']}" if f["kind"] == "front_end" else "server backend"
+        rows.append(f"{f['path']:<24} {f['bytes']:>9} B  {f['weights']:<9} {who:<30}"
+                    + (f"  agreement {100 * v['top1_agreement']:.2f}%" if v else ""))
+    click.echo("\n".join(rows))
     _report_written(manifest, out)
 
 
@@ -376,9 +396,14 @@ def _convert_federated(run, out, verify, verify_images):
 @click.option("--rounds", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--local-steps", type=click.IntRange(1), default=5, show_default=True, help="split exchanges per round")
 @click.option("--batch-size", type=click.IntRange(2), default=32, show_default=True)
-@click.option("--architectures", default="cnn-w1,cnn-w05,mobilenet", show_default=True,
-              help="client front-end architectures, assigned round-robin: cnn-w1, cnn-w05, cnn-w025, mobilenet, mobilenet-w05")
-@click.option("--bits", default="2,4,8", show_default=True, help="client bitwidths (1-8, fp), assigned round-robin")
+@click.option("--architectures", default="svhn_cnn-w4,svhn_cnn-w2,mobilenet_v2-w05", show_default=True,
+              help="client front ends, assigned round-robin: svhn_cnn-w4/-w2/-w1, mobilenet_v2-w05/-w025, "
+                   "preact_resnet20-w8/-w4 (core model families; README, 'Federated simulation')")
+@click.option("--bits", default="2,4,8", show_default=True,
+              help="candidate bitwidths (1-8, fp): every client meta-trains on all of them; each client's own "
+                   "(default) bitwidth is assigned round-robin")
+@click.option("--tasks", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="bitwidth tasks per client step (the device's own + sampled ones)")
 @click.option("--lr", type=float, default=0.05, show_default=True)
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True,
               help="early-exit confidence threshold: below it a client asks the server")
@@ -393,21 +418,23 @@ def _convert_federated(run, out, verify, verify_images):
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
 def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds, local_steps, batch_size, architectures,
-             bits, lr, threshold, dropout, engine, workers, limit_train, seed, out, quiet):
+             bits, tasks, lr, threshold, dropout, engine, workers, limit_train, seed, out, quiet):
     """Hybrid split federated learning (HARMONY-style) of heterogeneous, bitwidth-adaptive clients."""
     from tfbitmeta.federated.simulation import SimConfig, format_table
     from tfbitmeta.federated.simulation import simulate as run_simulation
 
     cfg = SimConfig(algorithm=algorithm, dataset=dataset, clients=clients, classes_per_client=classes_per_client,
                     dirichlet=dirichlet, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
-                    architectures=architectures, bits=bits, lr=lr, inner_lr=lr, server_lr=lr, threshold=threshold,
+                    architectures=architectures, bits=bits, tasks=tasks, lr=lr, inner_lr=lr, server_lr=lr,
+                    threshold=threshold,
                     dropout=dropout, engine=engine, workers=[w for w in workers.split(",") if w.strip()],
                     limit_train=limit_train, seed=seed)
     sim, results = run_simulation(cfg, out, progress=not quiet)
     took = sum(results["round_seconds"])
     click.echo(f"\n{algorithm} on {dataset}: {clients} clients, {rounds} rounds in {took:.0f} s ({engine} engine)")
     click.echo(format_table(results))
-    click.echo(f"\nwrote {out / 'results.json'}, {out / 'results.png'}, front ends in {out / 'checkpoints'}")
+    click.echo(f"\nwrote the run (kind federated) to {out}: run.json, results.json, results.png, predictions.npz, "
+               f"clients/, server/ (convert it: tfbitmeta convert {out} --out MODELS)")
 
 
 @main.command()
@@ -457,13 +484,15 @@ def serve(models, run, host, port, token, max_batch, max_delay_ms, batch_idle_ms
 @click.option("--bits", default=None, help="front-end bitwidth, e.g. 4, 4/8 or fp [default: the largest local one]")
 @click.option("--memory-budget", type=click.IntRange(1), default=None, help="pick the largest front end within N bytes")
 @click.option("--exit", "exit_", type=int, default=None, help="early-exit head [default: the last]")
+@click.option("--client", type=click.IntRange(0), default=None,
+              help="federated models: the client whose front end to run (required when the manifest has several)")
 @click.option("--server", default=None, help="fallback server URL, e.g. http://127.0.0.1:8500")
 @click.option("--token", envvar="TFBITMETA_TOKEN", default=None, help="bearer token (or TFBITMETA_TOKEN)")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.01), default=2.0, show_default=True, help="server timeout (s)")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="exit confidence [default: the manifest's]")
 @click.option("--json", "as_json", is_flag=True, help="print the answer as JSON")
 @user_errors
-def classify(image, models, bits, memory_budget, exit_, server, token, timeout_s, threshold, as_json):
+def classify(image, models, bits, memory_budget, exit_, client, server, token, timeout_s, threshold, as_json):
     """Classify one image on the device side, falling back to the server when the early exit is unsure."""
     import dataclasses
 
@@ -472,7 +501,8 @@ def classify(image, models, bits, memory_budget, exit_, server, token, timeout_s
     from tfbitmeta.quant.bitwidth import parse_config
 
     rt = DeviceRuntime(models, server, token, timeout_s)
-    a = rt.classify(load_pixels(image, rt.manifest), parse_config(bits) if bits else None, memory_budget, exit_, threshold)
+    a = rt.classify(load_pixels(image, rt.manifest), parse_config(bits) if bits else None, memory_budget, exit_, threshold,
+                    client=client)
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(a), "fell_back": a.fell_back}))
         return

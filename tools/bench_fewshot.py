@@ -23,7 +23,7 @@ from tfbitmeta.data.omniglot import load_omniglot
 from tfbitmeta.meta.fewshot.config import METHODS, RECIPE, FewShotConfig, parse_train_bits
 from tfbitmeta.meta.fewshot.evaluation import evaluate_algorithm, evaluate_baseline, load_run, plot_rows
 from tfbitmeta.meta.fewshot.trainer import train
-from tfbitmeta.meta.run import TrainConfig
+from tfbitmeta.runs import TrainConfig
 from tfbitmeta.quant.bitwidth import FP, config_name, parse_bit
 
 SETTINGS = (Setting(20, 1, 15), Setting(5, 1, 15))

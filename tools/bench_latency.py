@@ -28,7 +28,7 @@ import tensorflow as tf
 from tfbitmeta.data import datasets
 from tfbitmeta.export import emulate
 from tfbitmeta.export.convert import export, run_tflite
-from tfbitmeta.meta.run import RunDir, TrainConfig
+from tfbitmeta.runs import RunDir, TrainConfig
 
 
 def _time(fn, runs: int) -> float:
@@ -68,7 +68,7 @@ def untrained_run(out: Path, family: str, width: float, dataset: str, bits: str)
     does not depend on the weight values, and training MobileNetV2 on 2 shared cores does not fit the budget."""
     from tfbitmeta.cli import parse_bits
     from tfbitmeta.meta.loop import calibration_images
-    from tfbitmeta.meta.run import save_weights
+    from tfbitmeta.runs import save_weights
     from tfbitmeta.meta.train import ModelOptions, prepare
     from tfbitmeta.quant.calibration import calibrate_batchnorm
 

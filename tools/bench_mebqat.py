@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tfbitmeta.data import datasets
 from tfbitmeta.meta.evaluate import Predictor, plot_accuracy
-from tfbitmeta.meta.run import RunDir, TrainConfig
+from tfbitmeta.runs import RunDir, TrainConfig
 from tfbitmeta.meta.train import ModelOptions, train
 from tfbitmeta.quant.bitwidth import DEFAULT_BITS, FP, config_name
 from tfbitmeta.quant.quantizers import DEFAULT_SCHEME, SCHEMES

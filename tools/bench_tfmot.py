@@ -29,7 +29,7 @@ from tfbitmeta.export import deployed, emulate
 from tfbitmeta.export.convert import _quiet, latency_ms, run_tflite
 from tfbitmeta.meta.evaluate import Predictor
 from tfbitmeta.meta.loop import lr_schedule
-from tfbitmeta.meta.run import RunDir, TrainConfig
+from tfbitmeta.runs import RunDir, TrainConfig
 from tfbitmeta.meta.train import ModelOptions, set_determinism, train
 from tfbitmeta.quant.bitwidth import DEFAULT_BITS
 

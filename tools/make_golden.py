@@ -33,6 +33,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--bits", default="2,4,8,fp")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("runs/golden"))
+    ap.add_argument("--client", type=int, default=None, help="federated models: the client whose front ends to use")
     args = ap.parse_args(argv)
 
     import httpx
@@ -41,15 +42,19 @@ def main(argv=None) -> dict:
     from tfbitmeta.data import datasets
     from tfbitmeta.device.runtime import DeviceRuntime, backend_name
     from tfbitmeta.errors import TfbitmetaError
-    from tfbitmeta.meta.run import RunDir, TrainConfig
+    from tfbitmeta.runs import RunDir, TrainConfig
     from tfbitmeta.quant.bitwidth import parse_config
     from tfbitmeta.serve.app import create_app
     from tfbitmeta.serve.config import ServeConfig
     from tfbitmeta.serve.runner import BackgroundServer
 
     run = RunDir(args.run)
-    tcfg = TrainConfig.from_dict(run.read_meta()["train"])
-    data = datasets.load(tcfg.dataset, seed=tcfg.seed)
+    meta = run.read_meta()
+    if meta.get("kind") == "federated":
+        data = datasets.load(meta["config"]["dataset"], seed=meta["config"]["seed"])
+    else:
+        tcfg = TrainConfig.from_dict(meta["train"])
+        data = datasets.load(tcfg.dataset, seed=tcfg.seed)
     raw, labels = data.x_test[:args.images], data.y_test[:args.images]
     pixels = run.normalization().pixels(raw).numpy().astype(np.uint8)
     rt = DeviceRuntime(args.models)
@@ -68,7 +73,7 @@ def main(argv=None) -> dict:
     cases = []
     with BackgroundServer(create_app(cfg), cfg) as url:
         for token in args.bits.split(","):
-            entry, path = rt.choose(parse_config(token))
+            entry, path = rt.choose(parse_config(token), client=args.client)
             runner = rt.load(entry, path)
             for i, png in enumerate(images):
                 x = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32).reshape(pixels[i].shape)
@@ -99,15 +104,16 @@ def main(argv=None) -> dict:
                     "final_label": int(np.argmax(server_probs)) if fallback else int(np.argmax(probs)),
                     "true_label": int(labels[i]),
                 })
-    sizes = sorted({f["bytes"] for f in rt.fronts()})
+    sizes = sorted({f["bytes"] for f in rt.fronts(args.client)})
     choices = []
     for budget in sorted({b for s in sizes for b in (s - 1, s)} | {sizes[-1] * 10}):
         try:
-            choices.append({"memory_budget": budget, "front_end": rt.choose(memory_budget=budget)[0]["path"]})
+            choices.append({"memory_budget": budget,
+                            "front_end": rt.choose(memory_budget=budget, client=args.client)[0]["path"]})
         except TfbitmetaError:
             choices.append({"memory_budget": budget, "front_end": None})
     golden = {"format": "tfbitmeta-golden", "version": 1, "choices": choices,
-              "default_front_end": rt.choose()[0]["path"],
+              "default_front_end": rt.choose(client=args.client)[0]["path"], "client": args.client,
               "manifest_sha256": sha256_bytes((args.models / "manifest.json").read_bytes()),
               "labels": rt.manifest["labels"], "tolerance": {"exit_probs": 1 / 256, "server_probs": 1 / 256},
               "command": "uv run python tools/make_golden.py " + " ".join(sys.argv[1:] if argv is None else argv),

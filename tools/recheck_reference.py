@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tfbitmeta.data import datasets
 from tfbitmeta.export import emulate
-from tfbitmeta.meta.run import RunDir, TrainConfig
+from tfbitmeta.runs import RunDir, TrainConfig
 
 
 def main():

@@ -45,7 +45,7 @@ def write_samples(run: Path, dest: Path, n: int) -> list[str]:
     from PIL import Image
 
     from tfbitmeta.data import datasets
-    from tfbitmeta.meta.run import RunDir, TrainConfig
+    from tfbitmeta.runs import RunDir, TrainConfig
 
     r = RunDir(run)
     tcfg = TrainConfig.from_dict(r.read_meta()["train"])

@@ -67,7 +67,12 @@ def feature_spec(entry: dict) -> FeatureSpec:
 
 
 def backend_name(entry: dict) -> str:
-    return f"backend_{entry['bits']['name']}_split{entry['split']}"
+    """The server model that answers for this front end: the manifest entry's ``backend`` field."""
+    try:
+        return entry["backend"]
+    except KeyError:
+        raise TfbitmetaError(f"manifest entry {entry.get('path')!r} names no backend: re-export the models with "
+                             "`tfbitmeta convert`") from None
 
 
 class DeviceRuntime:
@@ -84,15 +89,30 @@ class DeviceRuntime:
         self.cache = self.models / ".device-cache"
 
     # -- choosing and loading a front end -------------------------------------------------------------
-    def fronts(self) -> list[dict]:
-        return [f for f in self.manifest["files"] if f["kind"] == "front_end"]
+    def fronts(self, client: int | None = None) -> list[dict]:
+        """Front-end entries; in a federated manifest (entries carry ``client``) those of ``client``."""
+        fronts = [f for f in self.manifest["files"] if f["kind"] == "front_end"]
+        clients = sorted({f["client"] for f in fronts if "client" in f})
+        if client is None and len(clients) > 1:
+            raise TfbitmetaError(f"{self.models} holds the front ends of clients {clients}: pass --client K")
+        if client is not None:
+            if client not in clients:
+                raise TfbitmetaError(f"no front end of client {client} in {self.models}"
+                                     + (f" (clients {clients})" if clients else " (not a federated export)"))
+            fronts = [f for f in fronts if f.get("client") == client]
+        return fronts
 
-    def choose(self, bits: Config | None = None, memory_budget: int | None = None, exit_: int | None = None) -> tuple[dict, Path]:
-        fronts = [f for f in self.fronts() if exit_ is None or f["exit"] == exit_]
+    def choose(self, bits: Config | None = None, memory_budget: int | None = None, exit_: int | None = None,
+               client: int | None = None) -> tuple[dict, Path]:
+        fronts = [f for f in self.fronts(client) if exit_ is None or f["exit"] == exit_]
         if bits is not None:
             hit = [f for f in fronts if (f["bits"]["w"], f["bits"]["a"]) == tuple(bits)]
             if hit:
                 return hit[0], self.models / hit[0]["path"]
+            if client is not None:
+                have = ", ".join(sorted({f["bits"]["name"] for f in fronts}))
+                raise TfbitmetaError(f"client {client} has no front end for {config_name(bits)} in {self.models} "
+                                     f"(have {have}; export more with `tfbitmeta convert RUN --bits all`)")
             return self.fetch(bits, exit_ if exit_ is not None else self.manifest["model"]["exits"][-1])
         if memory_budget is not None:
             fitting = [f for f in fronts if f["bytes"] <= memory_budget]
@@ -195,9 +215,9 @@ class DeviceRuntime:
 
     # -- classifying ---------------------------------------------------------------------------------------
     def classify(self, pixels: np.ndarray, bits: Config | None = None, memory_budget: int | None = None,
-                 exit_: int | None = None, threshold: float | None = None) -> Answer:
+                 exit_: int | None = None, threshold: float | None = None, client: int | None = None) -> Answer:
         t0 = time.perf_counter()
-        entry, path = self.choose(bits, memory_budget, exit_)
+        entry, path = self.choose(bits, memory_budget, exit_, client)
         runner = self.load(entry, path)
         t1 = time.perf_counter()
         out = runner(image=pixels[None].astype(np.float32))

@@ -28,7 +28,7 @@ from tfbitmeta.errors import BadArgument, TfbitmetaError
 from tfbitmeta.export.digest import sha256_file
 from tfbitmeta.export import deployed, emulate
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
-from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
+from tfbitmeta.runs import RunDir, TrainConfig, check_writable
 from tfbitmeta.models import BitModel
 from tfbitmeta.quant.bitwidth import FP, Config, bits_tensor, config_name
 
@@ -210,6 +210,71 @@ def parse_exits(spec: str, bm: BitModel) -> list[int]:
     return out
 
 
+def backend_model_name(path: str) -> str:
+    """The server-side model name of a backend file: its stem (what ``POST /v1/models/{name}:predict`` takes)."""
+    return Path(path).stem
+
+
+def export_part(bm: BitModel, cfg: Config, kind: str, split: int, norm, path: Path, representative: np.ndarray,
+                float16: bool = False, int4: bool = True, measure_latency: bool = True) -> tuple[dict, "Part"]:
+    """Convert one part of ``bm`` (``kind`` front_end or backend, cut at ``split``) at configuration ``cfg`` to
+    ``path`` with the export graph (full-integer for integer configurations, float32 weights on the k-bit grid for
+    weight-only ones such as w2afp, float for fp) and return its manifest entry and the part (whose ``graph`` the
+    verification checks the file's kernels against).  Call it inside ``aligned_biases(bm.keras, cfg, norm,
+    int4)``, as the Keras reference of ``--verify`` is that model."""
+    kind_of_cfg = config_kind(cfg)
+    quantized = kind_of_cfg == "integer"
+    part_int4 = int4 and quantized  # weight-only files keep float32 weights on the k-bit grid
+    part = Part(bm, cfg, kind, split, norm, part_int4)
+    buf = convert_part(part, representative, quantized, float16 and kind_of_cfg == "float")
+    path.write_bytes(buf)
+    info = inspect_tflite(buf)
+    limit = part.graph.weight_limit_bytes()
+    entry = {
+        "path": path.name, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": config_name(cfg)},
+        "exit": split if kind == "front_end" else None, "split": split,
+        "sha256": sha256_file(path), "bytes": len(buf),
+        "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
+                   ("float16" if float16 and kind_of_cfg == "float" else "float32"),
+        "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
+        "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
+                 "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
+                 "weight_types": info["weight_types"],
+                 "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
+    }
+    if kind_of_cfg == "weight_only":
+        entry["weight_grid_bits"] = int(cfg[0])
+    if measure_latency:
+        entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
+    return entry, part
+
+
+def manifest_input(norm, input_shape) -> dict:
+    return {"shape": [1, *input_shape], "dtype": "float32",
+            "normalization": {"formula": "front ends take pixels: round(resize(x_uint8)) as float32 in [0, 255]; "
+                                         "(p * input_scale - mean) / std is folded into the first layer "
+                                         "(Keras models and backends use the normalized values)",
+                              "mean": norm.mean, "std": norm.std, "source_dtype": norm.input_dtype,
+                              "input_scale": norm.input_scale, "image_size": norm.image_size}}
+
+
+def write_manifest(out: Path, staged: Path, files: list[dict], model: dict, labels: list[str], input_: dict,
+                   created_by: str) -> dict:
+    """The one manifest writer of every exporter: validates the manifest (schema + every front end names a
+    backend listed in it), moves the staged files into ``out`` and writes ``manifest.json`` last."""
+    manifest = {"format": "tfbitmeta-manifest", "version": MANIFEST_VERSION, "created_by": created_by,
+                "model": model, "labels": [str(c) for c in labels], "input": input_, "files": files}
+    validate_manifest(manifest)
+    backends = {backend_model_name(f["path"]) for f in files if f["kind"] == "backend"}
+    for f in files:
+        if f["kind"] == "front_end" and f["backend"] not in backends:
+            raise TfbitmetaError(f"export: {f['path']} names backend {f['backend']!r}, which is not exported")
+    for f in files:
+        os.replace(staged / f["path"], out / f["path"])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
 def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True, float16: bool = False, int4: bool = True,
            n_verify: int = 1000, n_representative: int = 200, measure_latency: bool = True, progress=print,
            n_threshold: int = 5000, max_exit_loss: float = deployed.DEFAULT_MAX_LOSS) -> dict:
@@ -241,42 +306,29 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
             kind_of_cfg = config_kind(cfg)
             cfg_int4 = int4 and kind_of_cfg == "integer"  # weight-only files keep float32 weights on the k-bit grid
             with aligned_biases(bm.keras, cfg, norm, cfg_int4, alignment):
-                quantized = kind_of_cfg == "integer"
                 b = bits_tensor(cfg, 1)
                 name = config_name(cfg)
                 keras_test = bm.keras([xt, bits_tensor(cfg, len(xt))], training=False)
                 for split in splits_to_export:
                     feats_rep = bm.extractor(split)([rep, tf.tile(b, [len(rep), 1])], training=False).numpy()
                     bufs, entries = {}, {}
+                    back = f"backend_{name}_split{split}.tflite"
                     for kind in ("front_end", "backend"):
-                        fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else f"backend_{name}_split{split}.tflite"
+                        fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else back
                         progress(f"converting {fname}")
-                        part = Part(bm, cfg, kind, split, norm, cfg_int4)
-                        buf = convert_part(part, rep_pixels if kind == "front_end" else feats_rep, quantized,
-                                           float16 and kind_of_cfg == "float")
-                        path = tmp / fname
-                        path.write_bytes(buf)
-                        info = inspect_tflite(buf)
-                        limit = part.graph.weight_limit_bytes()
-                        entry = {
-                            "path": fname, "kind": kind, "bits": {"w": cfg[0], "a": cfg[1], "name": name},
-                            "exit": split if kind == "front_end" else None, "split": split,
-                            "sha256": sha256_file(path), "bytes": len(buf),
-                            "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else
-                                       ("float16" if float16 and kind_of_cfg == "float" else "float32"),
-                            "signature": info["signature"], "inputs": info["inputs"], "outputs": info["outputs"],
-                            "size": {"bytes": len(buf), "weight_buffers_bytes": info["buffer_bytes"],
-                                     "weights_limit_bytes": int(limit), "fixed_overhead_bytes": len(buf) - info["buffer_bytes"],
-                                     "weight_types": info["weight_types"],
-                                     "within_1.2x_limit": bool(info["buffer_bytes"] <= 1.2 * limit + 64)},
-                            "exit_threshold": None,
-                        }
-                        if kind_of_cfg == "weight_only":
-                            entry["weight_grid_bits"] = int(cfg[0])
+                        entry, part = export_part(bm, cfg, kind, split, norm, tmp / fname,
+                                                  rep_pixels if kind == "front_end" else feats_rep, float16, int4,
+                                                  measure_latency)
+                        buf = (tmp / fname).read_bytes()
+                        entry["exit_threshold"] = None
+                        if kind == "front_end":
+                            entry["backend"] = backend_model_name(back)
                         if verify:
-                            entry["verify"] = _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test, part.graph)
-                        if measure_latency:
-                            entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
+                            if kind == "front_end":
+                                entry["verify"] = verify_front(buf, part.graph, pt, keras_test[f"exit{split}"], yt)
+                            else:
+                                feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
+                                entry["verify"] = verify_backend(buf, part.graph, feats, keras_test["logits"], yt)
                         bufs[kind], entries[kind] = buf, entry
                         files.append(entry)
                     # the recommended exit threshold: chosen on validation images with the deployed arithmetic
@@ -289,25 +341,11 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
                     entries["front_end"]["exit_policy"] = policy
                 if verify:
                     _verify_pipeline(tmp, files, cfg, name, splits_to_export, pt, yt, keras_test)
-        manifest = {
-            "format": "tfbitmeta-manifest", "version": MANIFEST_VERSION, "created_by": "tfbitmeta convert",
-            "model": {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
-                      "num_classes": bm.cfg.num_classes, "exits": list(bm.exits),
-                      "candidate_bits": list(bm.cfg.candidates.bits), "params": bm.count_params()},
-            "labels": meta["dataset"]["class_names"],
-            "input": {"shape": [1, *bm.cfg.input_shape], "dtype": "float32",
-                      "normalization": {"formula": "front ends take pixels: round(resize(x_uint8)) as float32 in [0, 255]; "
-                                                   "(p * input_scale - mean) / std is folded into the first layer "
-                                                   "(Keras models and backends use the normalized values)",
-                                        "mean": norm.mean,
-                                        "std": norm.std, "source_dtype": norm.input_dtype,
-                                        "input_scale": norm.input_scale, "image_size": norm.image_size}},
-            "files": files,
-        }
-        validate_manifest(manifest)
-        for f in files:
-            os.replace(tmp / f["path"], out / f["path"])
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        model = {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
+                 "num_classes": bm.cfg.num_classes, "exits": list(bm.exits),
+                 "candidate_bits": list(bm.cfg.candidates.bits), "params": bm.count_params()}
+        manifest = write_manifest(out, tmp, files, model, meta["dataset"]["class_names"],
+                                  manifest_input(norm, bm.cfg.input_shape), "tfbitmeta convert")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -343,20 +381,15 @@ def check_weights(buf: bytes, graph: ExportGraph) -> dict:
             "passed": not unmatched and len(found) >= len(expected)}
 
 
-def _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test, graph) -> dict:
-    """``pt``: test pixels (what the front-end file takes), ``xt``: the same images normalized (Keras).
+def verify_file(buf: bytes, graph: ExportGraph, feeds: dict, out: str, keras_logits, yt) -> dict:
+    """One exported file on ``feeds`` (test pixels for a front end, the Keras extractor's features for a backend)
+    vs the Keras model's ``keras_logits`` on the same images.
 
     Pass/fail: for integer files, the interpreter (one image per call, as on a device) and the integer-exact
     reference agree bit for bit on every output, and the file's kernels are the checkpoint's integer codes; for
     float files (fp, weight-only), top-1 agreement with the Keras model >= AGREEMENT_TARGET.  Agreement with the
     fake-quant Keras model is reported for every file (the deployed vs training-time gap)."""
-    if kind == "front_end":
-        feeds, out = {"image": pt}, "exit_probs"
-        ref = tf.nn.softmax(keras_test[f"exit{split}"]).numpy()
-    else:
-        feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
-        feeds, out = {"features": feats}, "probs"
-        ref = tf.nn.softmax(keras_test["logits"]).numpy()
+    ref = tf.nn.softmax(keras_logits).numpy()
     try:
         cmp = emulate.compare(buf, feeds)
         got = cmp["interpreter"][out]
@@ -366,7 +399,7 @@ def _verify(buf, kind, bm, cfg, split, pt, xt, yt, keras_test, graph) -> dict:
         got = run_tflite(buf, feeds[next(iter(feeds))])[out]
         reference = {"bit_exact": False, "integer": True, "unsupported": str(e)}
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    result = {"images": int(len(xt)), "top1_agreement": agree, "max_abs_dprob": float(np.abs(got - ref).max()),
+    result = {"images": int(len(ref)), "top1_agreement": agree, "max_abs_dprob": float(np.abs(got - ref).max()),
               "tflite_accuracy": float(np.mean(got.argmax(-1) == yt)),
               "keras_accuracy": float(np.mean(ref.argmax(-1) == yt)), "integer_reference": reference}
     if reference["integer"]:
@@ -394,6 +427,16 @@ def _exit_policy(bufs: dict, pv: np.ndarray, yv: np.ndarray, max_loss: float) ->
     t = deployed.choose_threshold(out["exit_probs"], out["final_probs"], yv, max_loss)
     return {"threshold": t, "chosen_on": f"{len(pv)} validation images ({source})", "max_loss_pp": 100 * max_loss,
             "validation": deployed.exit_report(out["exit_probs"], out["final_probs"], yv, t)}
+
+
+def verify_front(buf: bytes, graph: ExportGraph, pixels: np.ndarray, keras_exit_logits, yt) -> dict:
+    """A front-end file on test pixels vs the Keras model's exit head on the same images (normalized)."""
+    return verify_file(buf, graph, {"image": pixels}, "exit_probs", keras_exit_logits, yt)
+
+
+def verify_backend(buf: bytes, graph: ExportGraph, feats: np.ndarray, keras_logits, yt) -> dict:
+    """A backend file on the Keras extractor's features vs the Keras model's logits."""
+    return verify_file(buf, graph, {"features": feats}, "probs", keras_logits, yt)
 
 
 def _verify_pipeline(tmp, files, cfg, name, splits, pt, yt, keras_test):

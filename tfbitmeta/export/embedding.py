@@ -13,7 +13,6 @@ every verify image and the file's kernels are the checkpoint's (float files: pre
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,13 @@ from tfbitmeta.data.episodes import EpisodeSampler, Setting
 from tfbitmeta.data.omniglot import load_omniglot
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.export import emulate
-from tfbitmeta.export.convert import check_weights, convert_part, inspect_tflite, run_tflite
+from tfbitmeta.export.convert import check_weights, convert_part, inspect_tflite, manifest_input, run_tflite, write_manifest
 from tfbitmeta.export.digest import sha256_file
 from tfbitmeta.export.graph import ExportGraph, aligned_biases, container_bits
 from tfbitmeta.meta.fewshot.config import SEED_OFFSETS
 from tfbitmeta.meta.fewshot.evaluation import load_run
 from tfbitmeta.meta.fewshot.protonet import proto_logits
-from tfbitmeta.meta.run import TrainConfig, check_writable
+from tfbitmeta.runs import TrainConfig, check_writable
 from tfbitmeta.quant.bitwidth import FP, bits_tensor, config_name, parse_config
 from tfbitmeta.quant.calibration import calibrate_batchnorm, with_bn_statistics
 
@@ -56,7 +55,7 @@ def _proto_acc(z, setting: Setting) -> tuple[np.ndarray, np.ndarray]:
 
 
 def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, verify_episodes: int = 50,
-                     calib_images: int = 2048, setting: str = "5w1s", progress=print) -> dict:
+                     calib_images: int = 2048, setting: str = "5w1s", progress=print, manifest: bool = True) -> dict:
     meta, fcfg, bm, algo, norm = load_run(run_path)
     if algo.kind != "protonet":
         raise TfbitmetaError(f"{run_path} is a {fcfg.method} run: only ProtoNet embeddings export (MAML fine-tunes "
@@ -80,7 +79,10 @@ def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, ve
         buf = convert_part(part, rep, quantized=cfg != (FP, FP))
         (out / name).write_bytes(buf)
         info = inspect_tflite(buf)
-        entry = {"path": name, "bits": {"w": cfg[0], "a": cfg[1], "name": config_name(cfg)}, "bytes": len(buf),
+        quantized = cfg != (FP, FP)
+        entry = {"path": name, "kind": "embedding", "bits": {"w": cfg[0], "a": cfg[1], "name": config_name(cfg)},
+                 "bytes": len(buf), "signature": info["signature"],
+                 "weights": ("int4+int8" if "INT4" in info["weight_types"] else "int8") if quantized else "float32",
                  "sha256": sha256_file(out / name), "weight_types": info["weight_types"], "inputs": info["inputs"],
                  "outputs": info["outputs"], "embedding_dim": int(bm.keras.output["logits"].shape[-1]),
                  "input": {"shape": [1, *bm.cfg.input_shape], "pixels": "float32 0-255, strokes bright (inverted "
@@ -119,5 +121,23 @@ def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, ve
                 v["passed"] = bool(cmp["bit_exact"] and v["weights"]["passed"])
             else:
                 v["passed"] = v["prediction_agreement"] >= 0.995
-    (out / f"{Path(name).stem}.json").write_text(json.dumps(entry, indent=2))
+    if manifest:
+        write_embedding_manifest(out, [entry], bm, norm, fcfg)
     return entry
+
+
+def write_embedding_manifest(out: Path, entries: list[dict], bm, norm, fcfg) -> dict:
+    """``manifest.json`` of embedding files, with the one manifest writer of every exporter (the files are
+    already in ``out``)."""
+    model = {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
+             "num_classes": int(bm.cfg.num_classes), "exits": [], "candidate_bits": list(bm.cfg.candidates.bits)}
+    labels = [f"way{i}" for i in range(max(2, fcfg.ways))]  # classes are the device's prototypes
+    return write_manifest(out, out, entries, model, labels, manifest_input(norm, bm.cfg.input_shape),
+                          f"tfbitmeta convert (few-shot {fcfg.method} embedding)")
+
+
+def export_embeddings(run_path: Path, bits: str, out: Path, **kw) -> dict:
+    """One embedding file per bitwidth in ``bits`` (comma list) and one manifest."""
+    entries = [export_embedding(run_path, b, out, manifest=False, **kw) for b in bits.split(",") if b.strip()]
+    _, fcfg, bm, _, norm = load_run(run_path)
+    return write_embedding_manifest(out, entries, bm, norm, fcfg)

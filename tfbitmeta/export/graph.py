@@ -261,6 +261,19 @@ class ExportGraph:
 
         return {k: ev(v) for k, v in outputs.items()}
 
+    def _pad_with_mean_pixel(self, x, layer):
+        """A 'same' first conv with the normalization folded in: the Keras model pads the *normalized* image with
+        0, i.e. with the mean pixel; pad the pixels with the (rounded) mean pixel so the folded conv sees the same
+        border (an explicit PAD, then a 'valid' conv).  Residual error: < 0.5 pixel at the border."""
+        pads = []
+        for size, k, st in zip(x.shape[1:3], layer.kernel_size, layer.strides):
+            total = max((-(-int(size) // st) - 1) * st + k - int(size), 0)
+            pads.append([total // 2, total - total // 2])
+        mean_pixel = np.round(np.asarray(self.norm.mean, np.float64) / self.norm.input_scale)
+        chans = [tf.pad(x[..., c:c + 1], [[0, 0], *pads, [0, 0]], constant_values=float(m))
+                 for c, m in enumerate(np.broadcast_to(mean_pixel, (int(x.shape[-1]),)))]
+        return chans[0] if len(chans) == 1 else tf.concat(chans, -1)
+
     def apply(self, layer, ins, ev):
         if isinstance(layer, QUANT_LAYERS):
             x = ev(ins[0])
@@ -272,6 +285,8 @@ class ExportGraph:
                 y = tf.reshape(tf.nn.conv2d(tf.reshape(x, [-1, 1, 1, x.shape[-1]]), k, 1, "VALID"), [-1, k.shape[-1]])
             elif isinstance(layer, QDepthwiseConv2D):
                 y = tf.nn.depthwise_conv2d(x, k, strides=(1,) + layer.strides + (1,), padding=layer.padding.upper())
+            elif id(layer) in self._first and layer.padding == "same":
+                y = tf.nn.conv2d(self._pad_with_mean_pixel(x, layer), k, strides=layer.strides, padding="VALID")
             else:
                 y = tf.nn.conv2d(x, k, strides=layer.strides, padding=layer.padding.upper())
             return tf.nn.bias_add(y, bias)

@@ -1,47 +1,69 @@
-"""Server work of the round: fallback logits for the clients' features, then one update of the shared backend
-with the clients' dCE/dlogits (U-shaped exchange: the server never sees a label) plus the label-free
-cross-extractor contrastive loss (NT-Xent between the two views of the same query image), returning
-dL/dfeatures to each client.  Pure TF functions of tensors; a client whose features or logit gradients are not
-finite is left out of the update (its returned gradient is zero) and counted."""
+"""Server work of the split exchange, as functions of tensors: the backend's fallback logits for the clients'
+features, and its update from the clients' dCE/dlogits (U-shaped exchange: no label reaches these functions) plus
+the label-free contrastive loss between two views of the same images (NT-Xent), returning dL/dfeatures.
+
+``update_with_labels`` is SplitGP's exchange (the client sends its labels); only that baseline calls it.  The label
+check (tests/test_federated.py) reads the TFF type signatures of these functions.
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import tensorflow as tf
 
-from tfbitmeta.federated import backend
+from tfbitmeta.federated.space import ModelSpace
+
+
+def nt_xent(u_a, u_b, temperature: float):
+    """NT-Xent (SimCLR) between two views ``(N, P)`` of the same N images: row i of the two views are positives,
+    every other row a negative.  Returns the mean loss."""
+    z = tf.math.l2_normalize(tf.concat([u_a, u_b], 0), axis=-1)
+    n = tf.shape(u_a)[0]
+    sim = tf.matmul(z, z, transpose_b=True) / temperature - 1e9 * tf.eye(2 * n)
+    targets = tf.concat([tf.range(n, 2 * n), tf.range(0, n)], 0)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(targets, sim))
 
 
 class ServerWork:
-    def __init__(self, lr: float = 0.05, contrastive_weight: float = 0.5, temperature: float = 0.5):
-        self.lr, self.mu, self.tau = lr, contrastive_weight, temperature
+    def __init__(self, space: ModelSpace, lr: float, contrastive: float = 0.5, temperature: float = 0.5):
+        self.space, self.lr, self.mu, self.tau = space, lr, contrastive, temperature
 
-    @staticmethod
-    def logits(weights, feats):
-        """``feats``: (K, 2, Q, h, w, c) -> logits (K, 2, Q, classes)."""
+    def logits(self, weights, feats):
+        """``feats`` (V, N, *feature_shape) -> logits (V, N, classes)."""
         shape = tf.shape(feats)
-        flat = tf.reshape(feats, tf.concat([[-1], shape[3:]], 0))
-        out = backend.logits(weights, flat)
-        return tf.reshape(out, tf.concat([shape[:3], [-1]], 0))
+        flat = tf.reshape(feats, tf.concat([[-1], shape[2:]], 0))
+        logits, _ = self.space.server(weights, flat)
+        return tf.reshape(logits, tf.concat([shape[:2], [-1]], 0))
 
     def update(self, weights, feats, dlogits):
-        """Returns (new weights, dL/dfeats (K, 2, Q, h, w, c), metrics).  K may vary between calls."""
-        ok = tf.logical_and(tf.reduce_all(tf.math.is_finite(feats), axis=[1, 2, 3, 4, 5]),
-                            tf.reduce_all(tf.math.is_finite(dlogits), axis=[1, 2, 3]))
-        okf = tf.cast(ok, tf.float32)
-        feats = tf.where(tf.reshape(ok, [-1, 1, 1, 1, 1, 1]), feats, tf.zeros_like(feats))
-        dlogits = tf.where(tf.reshape(ok, [-1, 1, 1, 1]), dlogits, tf.zeros_like(dlogits))
+        """One SGD step on the surrogate ``<dlogits, logits> + mu * NT-Xent(view 0, view 1)``.  Returns (new
+        weights, dL/dfeats, contrastive loss); a non-finite step leaves the weights and returns zero gradients."""
         with tf.GradientTape() as tape:
             tape.watch(feats)
             tape.watch(weights)
-            ce_surrogate = tf.reduce_sum(dlogits * self.logits(weights, feats))
             shape = tf.shape(feats)
-            proj = backend.project(weights, tf.reshape(feats, tf.concat([[-1], shape[3:]], 0)))
-            proj = tf.reshape(proj, tf.concat([shape[:3], [-1]], 0))  # (K, 2, Q, P)
-            contrastive = tf.reduce_sum(backend.nt_xent(proj[:, 0], proj[:, 1], self.tau) * okf)
-            total = ce_surrogate + self.mu * contrastive
-        gw, gf = tape.gradient(total, (weights, feats))
-        n = tf.maximum(tf.reduce_sum(okf), 1.0)
-        new = OrderedDict((name, weights[name] - self.lr * gw[name] / n) for name in weights)
-        metrics = OrderedDict(contrastive_loss=contrastive / n, clients_rejected=tf.reduce_sum(1.0 - okf))
-        return new, gf, metrics
+            logits, proj = self.space.server(weights, tf.reshape(feats, tf.concat([[-1], shape[2:]], 0)))
+            logits = tf.reshape(logits, tf.concat([shape[:2], [-1]], 0))
+            proj = tf.reshape(proj, tf.concat([shape[:2], [-1]], 0))
+            contrastive = nt_xent(proj[0], proj[1], self.tau) if self.mu else tf.constant(0.0)
+            total = tf.reduce_sum(tf.stop_gradient(dlogits) * logits) + self.mu * contrastive
+        gw, gf = tape.gradient(total, (weights, feats), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self._apply(weights, gw, gf, contrastive)
+
+    def update_with_labels(self, weights, feats, labels, server_weight: float):
+        """SplitGP: the server receives the labels and computes the cross-entropy of both views itself."""
+        with tf.GradientTape() as tape:
+            tape.watch(feats)
+            tape.watch(weights)
+            logits = self.logits(weights, feats)
+            y = tf.tile(labels[None], [tf.shape(logits)[0], 1])
+            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            total = server_weight * ce
+        gw, gf = tape.gradient(total, (weights, feats), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        new, gf, _ = self._apply(weights, gw, gf, tf.constant(0.0))
+        return new, gf, ce
+
+    def _apply(self, weights, gw, gf, metric):
+        ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in [*gw.values(), gf]])
+        new = OrderedDict((k, tf.where(ok, weights[k] - self.lr * gw[k], weights[k])) for k in weights)
+        return new, tf.where(ok, gf, tf.zeros_like(gf)), metric

@@ -1,8 +1,19 @@
-"""``tfbitmeta simulate``: the federated simulation driver (Flower's vocabulary: clients, server, strategy).
+"""``tfbitmeta simulate``: the federated simulation driver (docs/federated.md).
 
-One round = broadcast of the shared bank, ``local_steps`` split exchanges (client features -> server logits ->
-client dCE/dlogits -> server update + dL/dfeatures -> client meta step), then HeteroFL aggregation of the bank.
-The same driver runs on TFF (``engine="tff"``) or on the plain-TF executor (``engine="tf"``).
+One round = the TFF process's ``next`` (distributor -> client work with the split exchange -> aggregator -> server
+work), the same on the plain-TF engine.  At the end every client's deployable front end is its architecture's core
+``BitModel`` with the weights it deploys and per-bitwidth BatchNorm statistics calibrated on its own training data;
+the server backend's statistics are calibrated on features from every client.  The run directory is a
+``tfbitmeta.runs`` run of kind ``federated``:
+
+```
+OUT/run.json                     kind, config, algorithm, normalization, dataset, clients (architecture, bits, ID
+                                 classes, model config), server (model config, split), status
+OUT/clients/client<k>/           the client's front-end BitModel checkpoint
+OUT/server/                      the server backend's BitModel checkpoint
+OUT/predictions.npz              per client, on every test image: exit_probs (K, N, C), server_probs (K, N, C)
+OUT/results.json, results.png    per-client table, round history, timings
+```
 """
 from __future__ import annotations
 
@@ -16,35 +27,22 @@ import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.data import datasets
+from tfbitmeta.data.pipeline import Normalization
 from tfbitmeta.errors import TfbitmetaError
-from tfbitmeta.federated import architectures as A
-from tfbitmeta.federated import backend, partition
-from tfbitmeta.federated.client import ClientWork
-from tfbitmeta.federated.executors import LocalExecutor, TffExecutor
+from tfbitmeta.federated import algorithms, partition
+from tfbitmeta.federated.architectures import DEFAULT_ARCHITECTURES, SERVER, parse_architectures
+from tfbitmeta.federated.client import ClientWork, mix
 from tfbitmeta.federated.latency import LatencyModel
+from tfbitmeta.federated.process import LocalProcess, TffProcess
 from tfbitmeta.federated.server import ServerWork
-from tfbitmeta.quant.bitwidth import DEFAULT_BITS, parse_bit
+from tfbitmeta.federated.space import ModelSpace
+from tfbitmeta.models import build, min_input_size
+from tfbitmeta.quant.bitwidth import FP, BitSpace, parse_bit
+from tfbitmeta.quant.calibration import calibrate_batchnorm
+from tfbitmeta.runs import RUN_VERSION, RunDir, check_writable, restore_weights, save_weights
 
-_BASE = dict(split=True, contrastive=True, sample=True, inner=True, share="bank", personal=True,
-             labels_to_server=False, gamma=None, lam=0.0, single_arch=False, centralized=False)
-ALGORITHMS = {
-    # split: server backend + U-shaped exchange; share: what is aggregated ("bank": HeteroFL on the extractor bank,
-    # heads personal; "all": bank and heads, everyone takes the average; "mix": SplitGP's lambda-mix; None: nothing);
-    # personal: clients keep their inner-loop-adapted front end; labels_to_server: the SplitGP exchange
-    "harmony": dict(_BASE),
-    "harmony-no-contrastive": dict(_BASE, contrastive=False),
-    "harmony-no-sampling": dict(_BASE, sample=False),
-    "harmony-no-inner": dict(_BASE, inner=False),
-    "splitgp": dict(_BASE, contrastive=False, sample=False, inner=False, share="mix", personal=False,
-                    labels_to_server=True, gamma=0.5, lam=0.2),
-    "fedavg": dict(_BASE, split=False, contrastive=False, sample=False, inner=False, share="all", personal=False,
-                   single_arch=True),
-    "local": dict(_BASE, split=False, contrastive=False, sample=False, inner=False, share=None, personal=False),
-    "centralized": dict(_BASE, contrastive=False, sample=False, inner=False, share=None, personal=False,
-                        labels_to_server=True, single_arch=True, centralized=True),
-}
-MIX = {"bank": (0.0, 1.0), "all": (0.0, 0.0)}  # (lambda of the bank, lambda of the head) when receiving the model
 OOD_FRACTIONS = (0.0, 0.5, 1.0)
+IMAGE_SIZE = 28  # inputs smaller than the model families need are resized to this
 
 
 @dataclass
@@ -57,185 +55,148 @@ class SimConfig:
     rounds: int = 30
     local_steps: int = 5
     batch_size: int = 32
-    architectures: str = "cnn-w1,cnn-w05,mobilenet"
+    architectures: str = DEFAULT_ARCHITECTURES
     bits: str = "2,4,8"
+    tasks: int = 2
     lr: float = 0.05
     inner_lr: float = 0.05
     server_lr: float = 0.05
     contrastive_weight: float = 0.5
     temperature: float = 0.5
-    exit_weight: float = 1.0
     threshold: float = 0.8
     dropout: float = 0.0
     engine: str = "tff"
     workers: list = field(default_factory=list)
     limit_train: int | None = None
+    calib_images: int = 512
+    finetune_steps: int = 10  # deployment fine-tuning of the exit head (algorithms with finetune_head)
     seed: int = 0
 
     def check(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise TfbitmetaError(f"unknown algorithm {self.algorithm!r}: use {', '.join(ALGORITHMS)}")
+        algorithms.get(self.algorithm)
         if self.engine not in ("tff", "tf"):
             raise TfbitmetaError(f"unknown engine {self.engine!r}: use tff or tf")
         if self.clients < 1 or self.rounds < 1 or self.local_steps < 1:
             raise TfbitmetaError("--clients, --rounds and --local-steps must be at least 1")
+        if self.batch_size < 2:
+            raise TfbitmetaError("--batch-size must be at least 2 (support and query halves)")
         if not 0.0 <= self.dropout < 1.0:
             raise TfbitmetaError(f"--dropout must be in [0, 1) (got {self.dropout})")
-        A.parse_architectures(self.architectures)
+        if self.tasks < 1:
+            raise TfbitmetaError("--tasks must be at least 1")
+        parse_architectures(self.architectures)
         self.bit_list()
 
     def bit_list(self) -> list[int]:
         bits = [parse_bit(t) for t in self.bits.split(",") if t.strip()]
-        bad = [b for b in bits if b not in DEFAULT_BITS or b == 16]
+        bad = [b for b in bits if not (1 <= b <= 8 or b == FP)]
         if bad or not bits:
             raise TfbitmetaError(f"--bits {self.bits!r}: client bitwidths must come from 1-8 and fp")
         return list(dict.fromkeys(bits))
+
+    def algorithm_object(self) -> algorithms.Algorithm:
+        return algorithms.get(self.algorithm, contrastive=self.contrastive_weight, temperature=self.temperature) \
+            if algorithms.get(self.algorithm).contrastive else algorithms.get(self.algorithm)
 
 
 def _bits(b: int) -> np.ndarray:
     return np.array([float(b), float(b)], np.float32)
 
 
-def _tree_np(tree):
-    return tf.nest.map_structure(lambda t: np.array(t), tree)
-
-
 class Simulation:
     def __init__(self, cfg: SimConfig, progress: bool = True):
         cfg.check()
         self.cfg, self.progress = cfg, progress
-        self.alg = ALGORITHMS[cfg.algorithm]
-        data = datasets.load(cfg.dataset, seed=cfg.seed)
-        x_train, y_train = data.x_train, data.y_train
-        if cfg.limit_train:
-            x_train, y_train = x_train[:cfg.limit_train], y_train[:cfg.limit_train]
-        mean, std = float(x_train.mean() / 255.0), float(x_train.std() / 255.0) + 1e-6
-        self.norm_stats = (mean, std)  # x = (pixels / 255 - mean) / std
-        self.norm = lambda x: ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-        self.x_train, self.y_train = self.norm(x_train), y_train.astype(np.int32)
-        self.x_test, self.y_test = self.norm(data.x_test), data.y_test.astype(np.int32)
-        self.num_classes, self.class_names = data.num_classes, data.class_names
+        self.alg = cfg.algorithm_object()
+        data = datasets.load(cfg.dataset, seed=cfg.seed).limit_train(cfg.limit_train)
+        self.data = data
+        need = max(min_input_size(a.family) for a in [*parse_architectures(cfg.architectures), SERVER])
+        size = (IMAGE_SIZE, IMAGE_SIZE) if min(data.image_shape[:2]) < need else None
+        self.norm = Normalization.fit(data.x_train, size)
+        self.x_train = self.norm.apply(data.x_train).numpy()
+        self.y_train = data.y_train.astype(np.int32)
+        self.num_classes, self.class_names = data.num_classes, list(data.class_names)
         if cfg.dirichlet:
             self.parts = partition.dirichlet(self.y_train, cfg.clients, cfg.dirichlet, cfg.seed)
         else:
             self.parts = partition.shards(self.y_train, cfg.clients, cfg.classes_per_client, cfg.seed)
-        self.archs = A.parse_architectures(cfg.architectures)
+        self.archs = parse_architectures(cfg.architectures)
         self.bit_choices = cfg.bit_list()
+        self.candidates = BitSpace(tuple(self.bit_choices), w_eq_a=True)
+        self.space = ModelSpace(self.archs, self.norm.model_input_shape(data.image_shape[-1]), self.num_classes,
+                                self.candidates, cfg.seed)
         alg = self.alg
+        n_archs = len(self.archs)
         # client k: architecture k mod A, bitwidth cycling more slowly so that every pair occurs
-        self.client_arch = [0 if alg["single_arch"] else k % len(self.archs) for k in range(cfg.clients)]
-        self.client_bits = [self.bit_choices[(k // len(self.archs) + k) % len(self.bit_choices)] for k in range(cfg.clients)]
-        # who trains: the clients, or (centralized upper bound) one learner holding the pooled data
-        if alg["centralized"]:
-            every = np.arange(len(self.y_train))
-            self.learners = [partition.ClientData(every, np.arange(self.num_classes))]
+        self.client_arch = [0 if alg.single_arch else k % n_archs for k in range(cfg.clients)]
+        self.client_bits = [self.bit_choices[(k // n_archs + k) % len(self.bit_choices)] for k in range(cfg.clients)]
+        if alg.centralized:  # one learner holding the pooled data
+            self.learners = [partition.ClientData(np.arange(len(self.y_train)), np.arange(self.num_classes))]
         else:
             self.learners = self.parts
-        self.global_bank = A.init_bank(self.archs, self.x_train.shape[-1], cfg.seed)
-        self.feature_shape = A.feature_shape(self.x_train.shape[1:])
-        self.global_head = A.init_head(self.num_classes, cfg.seed, self.feature_shape)
-        self.server_w = backend.init_server(self.num_classes, cfg.seed, self.feature_shape)
-        zeros = OrderedDict((n, np.zeros_like(v)) for n, v in self.global_bank.items())
-        shared_head = alg["share"] in ("all", "mix")
-        self.states = [OrderedDict(bank=self.global_bank, mask=zeros,
-                                   head=self.global_head if shared_head else A.init_head(self.num_classes, cfg.seed + k, self.feature_shape),
-                                   personal=self.global_bank, rejected=np.int32(0)) for k in range(len(self.learners))]
-        gamma = alg["gamma"]
-        self.client_work = ClientWork(self.archs, self.global_bank, lr=cfg.lr, inner_lr=cfg.inner_lr, inner=alg["inner"],
-                                      exit_weight=cfg.exit_weight if gamma is None else gamma,
-                                      server_weight=1.0 if gamma is None else 1.0 - gamma)
-        self.server_work = ServerWork(lr=cfg.server_lr,
-                                      contrastive_weight=cfg.contrastive_weight if alg["contrastive"] else 0.0,
-                                      temperature=cfg.temperature)
+        sp = self.space
+        self.state = OrderedDict(bank=sp.init_bank, head=sp.init_head, server=sp.init_server, round=np.int32(0))
+        self.client_states = [OrderedDict(bank=sp.init_bank, head=sp.init_head) for _ in self.learners]
+        server = ServerWork(sp, cfg.server_lr, alg.contrastive, alg.temperature)
+        self.client_work = ClientWork(sp, server, alg, cfg.lr, cfg.inner_lr)
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.history: list[dict] = []
-        self.executor = self._executor()
+        self.process = self._process()
+        self.state = self.process.initialize()
 
-    # -- set-up ------------------------------------------------------------------------------------------
-    def _executor(self):
-        mix = MIX.get(self.alg["share"], (self.alg["lam"], self.alg["lam"]))
+    def _process(self):
         if self.cfg.engine == "tf":
-            return LocalExecutor(self.client_work, self.server_work, mix)
-        saved = self.rng.bit_generator.state  # example values for the type signatures must not shift the draws
-        ex_batch, ex_ctl = self._batch(0), self._ctl(0)
+            return LocalProcess(self.client_work, self.state)
+        saved = self.rng.bit_generator.state  # the example for the type signatures must not shift the draws
+        example = self._data(0)
         self.rng.bit_generator.state = saved
-        feats = np.zeros((1,) + self.client_work.features(
-            _tf(self.states[0]["bank"]), _tf(self.states[0]["head"]), _tf(ex_batch), _tf(ex_ctl)).shape, np.float32)
-        return TffExecutor(self.client_work, self.server_work, self.states[0], ex_batch, ex_ctl, self.server_w, feats,
-                           mix=mix, workers=self.cfg.workers or None)
+        return TffProcess(self.client_work, self.state, self.client_states[0], example, workers=self.cfg.workers)
 
-    def _batch(self, k: int) -> OrderedDict:
+    # -- what one learner trains on in a round ---------------------------------------------------------------
+    def _data(self, k: int) -> OrderedDict:
+        cfg, alg = self.cfg, self.alg
         idx = self.learners[k].train
         if len(idx) == 0:
             raise TfbitmetaError(f"client {k} has no training data: use fewer --clients or another partition")
-        b = self.cfg.batch_size
-        s, q = self.rng.choice(idx, b), self.rng.choice(idx, b)
-        return OrderedDict(x_s=self.x_train[s], y_s=self.y_train[s], x_q=self.x_train[q], y_q=self.y_train[q])
-
-    def _ctl(self, k: int) -> OrderedDict:
-        if self.alg["centralized"]:  # one model for every client: train it at every client bitwidth
-            own, own_bits = 0, int(self.rng.choice(self.bit_choices))
+        steps = cfg.local_steps * (cfg.clients if alg.centralized else 1)  # same examples per round for everyone
+        pick = self.rng.choice(idx, (steps, cfg.batch_size))
+        bits = np.array(self.bit_choices)
+        if alg.centralized:
+            own, own_bits = 0, self.rng.choice(bits, steps)
         else:
-            own, own_bits = self.client_arch[k], self.client_bits[k]
-        if self.alg["sample"]:
-            sim, sim_bits = int(self.rng.integers(len(self.archs))), int(self.rng.choice(self.bit_choices))
-        elif self.alg["centralized"]:
-            sim, sim_bits = own, int(self.rng.choice(self.bit_choices))
+            own, own_bits = self.client_arch[k], np.full(steps, self.client_bits[k])
+        tasks = np.empty((steps, cfg.tasks, 2), np.float32)
+        tasks[:, 0] = own_bits[:, None]
+        if cfg.tasks > 1:
+            tasks[:, 1:] = self.rng.choice(bits, (steps, cfg.tasks - 1))[..., None]
+        if alg.sample:
+            sim = self.rng.integers(len(self.archs), size=steps).astype(np.int32)
+            sim_bits = np.repeat(self.rng.choice(bits, steps)[:, None], 2, 1).astype(np.float32)
         else:
-            sim, sim_bits = own, own_bits
-        return OrderedDict(own=np.int32(own), own_bits=_bits(own_bits), sim=np.int32(sim), sim_bits=_bits(sim_bits))
+            sim, sim_bits = np.full(steps, own, np.int32), tasks[:, 0].copy()
+        return OrderedDict(x=self.x_train[pick], y=self.y_train[pick], own=np.int32(own), tasks=tasks, sim=sim,
+                           sim_bits=sim_bits, weight=np.float32(len(idx)))
 
-    # -- one round ---------------------------------------------------------------------------------------
+    # -- rounds ----------------------------------------------------------------------------------------------
     def run_round(self, r: int) -> dict:
-        cfg, ex, alg = self.cfg, self.executor, self.alg
+        cfg = self.cfg
         t0 = time.perf_counter()
         n = len(self.learners)
         part = [k for k in range(n) if n == 1 or self.rng.random() >= cfg.dropout]
         rec = {"round": r + 1, "participants": len(part), "dropped": n - len(part)}
-        if not part:
-            rec.update(seconds=time.perf_counter() - t0)
-            self.history.append(rec)
-            return rec
-        states = [self.states[k] for k in part]
-        steps = cfg.local_steps * (cfg.clients if alg["centralized"] else 1)  # same number of examples per round
-        ce, exit_loss, contrastive, rejected = [], [], [], 0.0
-        for _ in range(steps):
-            batches = [self._batch(k) for k in part]
-            ctls = [self._ctl(k) for k in part]
-            feats = ex.features(states, batches, ctls)
-            if alg["split"]:
-                stacked = np.stack(feats)
-                logits = list(ex.server_logits(self.server_w, stacked))
-                if alg["labels_to_server"]:
-                    dlogits, losses = ex.server_label_gradients(logits, [b["y_q"] for b in batches])
-                else:
-                    dlogits, losses = ex.logit_gradients(logits, batches)
-                self.server_w, dfeats, sm = ex.server_update(self.server_w, stacked, np.stack(dlogits))
-                ce.append(float(np.nanmean(losses)))
-                contrastive.append(float(sm["contrastive_loss"]))
-                rejected += float(sm["clients_rejected"])
-                dfeats = list(dfeats)
-            else:
-                dfeats = [np.zeros_like(f) for f in feats]
-            out = ex.client_update(states, batches, ctls, dfeats)
-            states = [st for st, _ in out]
-            exit_loss.append(float(np.nanmean([float(m["exit_loss"]) for _, m in out])))
-            rejected += float(sum(1 - int(bool(m["finite"])) for _, m in out))
-        for k, st in zip(part, states):
-            self.states[k] = _tree_np(st)
-        if alg["share"]:
-            sizes = [len(self.learners[k].train) for k in part]
-            self.global_bank = ex.aggregate(self.global_bank, [st["bank"] for st in states],
-                                            [st["mask"] for st in states], sizes)
-            if alg["share"] != "bank":
-                ones = OrderedDict((name, np.ones_like(v)) for name, v in self.global_head.items())
-                self.global_head = ex.aggregate(self.global_head, [st["head"] for st in states], [ones] * len(states), sizes)
-            if not all(np.all(np.isfinite(v)) for v in self.global_bank.values()):
+        if part:
+            data = [self._data(k) for k in part]
+            self.state, states, m = self.process.next(self.state, [self.client_states[k] for k in part], data)
+            for k, st in zip(part, states):
+                self.client_states[k] = st
+            steps = max(float(m["steps"]), 1.0)
+            rec.update(exit_loss=float(m["exit_loss"]) / steps,
+                       server_ce=float(m["server_ce"]) / steps if self.alg.split else None,
+                       contrastive=float(m["contrastive"]) / steps if self.alg.contrastive else None,
+                       rejected_updates=int(m["rejected"]))
+            if not all(np.all(np.isfinite(v)) for v in self.state["bank"].values()):
                 raise TfbitmetaError("the aggregated bank is not finite (a bug: non-finite updates must be rejected)")
-            self.states = [_tree_np(st) for st in ex.distribute(self.global_bank, self.global_head, self.states)]
-        rec.update(server_ce=float(np.mean(ce)) if ce else None, exit_loss=float(np.mean(exit_loss)),
-                   contrastive=float(np.mean(contrastive)) if contrastive else None,
-                   rejected_updates=int(rejected), seconds=time.perf_counter() - t0)
+        rec["seconds"] = time.perf_counter() - t0
         self.history.append(rec)
         return rec
 
@@ -249,92 +210,233 @@ class Simulation:
             bar.set_postfix(loss=f"{rec.get('exit_loss') or 0:.3f}", clients=rec["participants"])
         return self.history
 
-    # -- inference and evaluation ------------------------------------------------------------------------
-    def front_end(self, k: int):
-        """Client k's personalized front end: (weights of its architecture, exit head, bits)."""
-        arch = self.archs[self.client_arch[k]]
-        st = self.states[0 if self.alg["centralized"] else k]
-        weights = st["personal"] if self.alg["personal"] else st["bank"]
-        return A.slice_bank(_tf(weights), arch), arch, _tf(st["head"]), self.client_bits[k]
+    # -- what each client deploys ----------------------------------------------------------------------------
+    def deployed_weights(self, k: int, personal: bool = True) -> tuple[dict, dict]:
+        """(bank, head) client k deploys: what it keeps of its own model when it receives the aggregate (the
+        shared bank for HARMONY and FedAvg, SplitGP's lambda-mix, its own for local; the pooled learner's for
+        the centralized bound).  With ``finetune_head`` the head is the personal one fine-tuned from it
+        (``personal=False``: the head received)."""
+        st = self.client_states[0 if self.alg.centralized else k]
+        own = lambda tree: {n: np.asarray(v) for n, v in tree.items()}  # noqa: E731
+        bank = own(mix(st["bank"], self.state["bank"], self.alg.lam_bank if not self.alg.centralized else 1.0))
+        head = own(mix(st["head"], self.state["head"], self.alg.lam_head if not self.alg.centralized else 1.0))
+        if personal and self.alg.finetune_head and not self.alg.centralized and self.cfg.finetune_steps:
+            head = self.personal_head(k, bank, head)
+        return bank, head
 
-    def predict(self, k: int, x: np.ndarray, threshold: float | None = None):
-        """Early exit when the exit head's confidence >= threshold, else the server backend on the features.
-        Returns (prediction, offloaded, exit prediction, server prediction)."""
-        w, arch, head, b = self.front_end(k)
-        bits = tf.constant(_bits(b))
-        thr = self.cfg.threshold if threshold is None else threshold
-        feats = A.extract(w, arch, tf.constant(x), bits)
-        probs = tf.nn.softmax(A.exit_logits(head, feats, bits)).numpy()
-        exit_pred = probs.argmax(-1)
-        if not self.alg["split"]:
-            return exit_pred, np.zeros(len(x), bool), exit_pred, exit_pred
-        server_pred = backend.logits(_tf(self.server_w), feats).numpy().argmax(-1)
-        offload = probs.max(-1) < thr
-        return np.where(offload, server_pred, exit_pred), offload, exit_pred, server_pred
+    def personal_head(self, k: int, bank: dict, head: dict) -> dict:
+        """Client k's exit head fine-tuned at deployment on its own training data (``finetune_steps`` steps from
+        the shared head, bank frozen; docs/harmony.md), computed once per trained state."""
+        from tfbitmeta.federated.personalize import fine_tune_head
 
-    def loss(self, n: int = 64) -> dict:
-        """Mean cross-entropy of the clients' exit heads and of the server backend on the first ``n`` training
-        examples of every client, with the front ends the clients would deploy."""
-        exit_ce, server_ce = [], []
+        key = (k, int(self.state["round"]))
+        cache = self.__dict__.setdefault("_personal_heads", {})
+        if key not in cache:
+            tr = self.parts[k].train
+            own = np.array([self.client_bits[k]] * 2, np.float32)
+            cands = [np.array([b, b], np.float32) for b in self.bit_choices]
+            cache[key] = fine_tune_head(self.space, self.client_arch[k], bank, head, self.x_train[tr],
+                                        self.y_train[tr], own, cands, self.cfg.finetune_steps, self.cfg.lr,
+                                        self.cfg.batch_size, self.cfg.seed + 77 + k)
+        return cache[key]
+
+    def calibration_images(self, k: int) -> list[np.ndarray]:
+        idx = self.parts[k].train
+        idx = np.random.default_rng([self.cfg.seed, 99, k]).permutation(idx)[:self.cfg.calib_images]
+        x = self.x_train[idx]
+        return [x[i:i + 256] for i in range(0, len(x), 256)]
+
+    def finalize(self, out: Path) -> None:
+        """Per-client front ends with calibrated BatchNorm, the server backend calibrated on every client's
+        features; checkpoints into ``out``."""
+        sp = self.space
+        server_feats = []
         for k in range(self.cfg.clients):
-            idx = self.parts[k].train[:n]
-            w, arch, head, b = self.front_end(k)
-            bits = tf.constant(_bits(b))
-            feats = A.extract(w, arch, tf.constant(self.x_train[idx]), bits)
-            y = self.y_train[idx]
-            exit_ce.append(float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                y, A.exit_logits(head, feats, bits)))))
-            server_ce.append(float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                y, backend.logits(_tf(self.server_w), feats)))))
-        return {"exit_ce": float(np.mean(exit_ce)), "server_ce": float(np.mean(server_ce))}
+            i = self.client_arch[k]
+            bm = sp.client_model(i, *self.deployed_weights(k))
+            images = self.calibration_images(k)
+            calibrate_batchnorm(sp.fronts[i], images, self.candidates.diagonal)
+            b = _bits(self.client_bits[k])
+            server_feats += [sp.fronts[i]([x, np.tile(b, (len(x), 1))], training=False)["features"].numpy() for x in images]
+            save_weights(bm.keras, out / "clients" / f"client{k}", int(self.state["round"]))
+        sbm = sp.server_bitmodel(self.state["server"])
+        rng = np.random.default_rng([self.cfg.seed, 7])
+        pooled = np.concatenate(server_feats)[rng.permutation(sum(len(f) for f in server_feats))]
+        calibrate_batchnorm(sbm.backend(SERVER.split), [pooled[i:i + 256] for i in range(0, len(pooled), 256)],
+                            [(FP, FP)])
+        save_weights(sbm.keras, out / "server", int(self.state["round"]))
 
-    def evaluate(self, latency: LatencyModel | None = None, threshold: float | None = None) -> dict:
-        latency = latency or LatencyModel()
-        image_shape = self.x_train.shape[1:]
-        server_flops = backend.flops(self.server_w, self.feature_shape)
-        clients, table = [], {}
-        for k in range(self.cfg.clients):
-            arch = self.archs[self.client_arch[k]]
-            client_flops = A.flops(arch, image_shape) + 2.0 * np.prod(self.feature_shape) * self.num_classes
-            row = {"client": k, "architecture": arch.name, "bits": self.client_bits[k],
-                   "id_classes": self.parts[k].id_classes.tolist(), "train_examples": int(len(self.parts[k].train))}
-            for p in OOD_FRACTIONS:
-                idx, is_ood = partition.test_indices(self.y_test, self.parts[k].id_classes, p, self.cfg.seed + k)
-                pred, off, exit_pred, server_pred = self.predict(k, self.x_test[idx], threshold)
-                y = self.y_test[idx]
-                row[f"p{p:g}"] = {
-                    "accuracy": float(np.mean(pred == y)), "offload_ratio": float(np.mean(off)),
-                    "exit_accuracy": float(np.mean(exit_pred == y)), "server_accuracy": float(np.mean(server_pred == y)),
-                    "ood_accuracy": float(np.mean(pred[is_ood] == y[is_ood])) if is_ood.any() else None,
-                    "latency_ms": latency.mean_ms(k, client_flops, float(np.mean(off)), int(np.prod(self.feature_shape)),
-                                                  self.client_bits[k], server_flops),
-                    "samples": int(len(idx))}
-            clients.append(row)
+    def write_run(self, out: Path, status: dict) -> None:
+        sp = self.space
+        clients = [{"client": k, "architecture": self.archs[self.client_arch[k]].name,
+                    "split": self.archs[self.client_arch[k]].split, "bits": self.client_bits[k],
+                    "id_classes": [int(c) for c in self.parts[k].id_classes],
+                    "train_examples": int(len(self.parts[k].train)),
+                    "model": sp.configs[self.client_arch[k]].to_dict()} for k in range(self.cfg.clients)]
+        d = self.data
+        RunDir(out).write_raw({
+            "version": RUN_VERSION, "kind": "federated", "config": asdict(self.cfg), "algorithm": self.alg.to_dict(),
+            "normalization": self.norm.to_dict(), "threshold": self.cfg.threshold,
+            "dataset": {"name": d.name, "class_names": self.class_names, "seed": self.cfg.seed,
+                        "train": len(d.x_train), "val": len(d.x_val), "test": len(d.x_test)},
+            "candidate_bits": self.bit_choices, "feature_shape": list(sp.feature_shape), "clients": clients,
+            "server": {"model": sp.server_config.to_dict(), "split": SERVER.split}, "status": status})
+
+
+# -- evaluation of a finished run (from its checkpoints: what convert exports) ---------------------------------
+class Deployed:
+    """A federated run's deployable models, loaded from the run directory: per client its front end (exit
+    probabilities and features at its bitwidth) and the server backend.  What issue-13-style analyses read."""
+
+    def __init__(self, run_path: Path, space: ModelSpace | None = None):
+        """``space``: the simulation's models, restored from the checkpoints instead of rebuilt."""
+        self.run = RunDir(run_path)
+        self.meta = self.run.read_meta()
+        if self.meta.get("kind") != "federated":
+            raise TfbitmetaError(f"{run_path} is not a federated run (kind {self.meta.get('kind')!r})")
+        self.norm = Normalization.from_dict(self.meta["normalization"])
+        self.space, self._models = space, {}
+        from tfbitmeta.models import ModelConfig
+
+        if space is not None:
+            self.server_bm = space.server_bm
+            restore_weights(self.server_bm.keras, self.run.path / "server")
+        else:
+            self.server_bm = self.run.load_model("server", ModelConfig.from_dict(self.meta["server"]["model"]))
+        self.backend = self.server_bm.backend(self.meta["server"]["split"])
+
+    def client(self, k: int):
+        from tfbitmeta.models import ModelConfig
+
+        c = self.meta["clients"][k]
+        if self.space is not None:
+            bm = self.space.models[[a.name for a in self.space.archs].index(c["architecture"])]
+        else:
+            bm = build(ModelConfig.from_dict(c["model"]))
+        restore_weights(bm.keras, self.run.path / "clients" / f"client{k}")
+        return bm
+
+    def front_outputs(self, k: int, x: np.ndarray, bits: int | None = None, batch: int = 500):
+        """(exit probabilities, features) of client k on normalized images ``x`` at its bitwidth (or ``bits``)."""
+        c = self.meta["clients"][k]
+        bm = self._models.get(k) or self.client(k)
+        self._models = {k: bm}  # one client's weights loaded at a time
+        fe = bm.front_end(c["split"])
+        b = _bits(bits or c["bits"])
+        probs, feats = [], []
+        for i in range(0, len(x), batch):
+            out = fe([x[i:i + batch], np.tile(b, (len(x[i:i + batch]), 1))], training=False)
+            probs.append(tf.nn.softmax(out["exit"]).numpy())
+            feats.append(out["features"].numpy())
+        return np.concatenate(probs), np.concatenate(feats)
+
+    def server_probs(self, feats: np.ndarray, batch: int = 500) -> np.ndarray:
+        b = _bits(FP)
+        return np.concatenate([tf.nn.softmax(self.backend([feats[i:i + batch], np.tile(b, (len(feats[i:i + batch]), 1))],
+                                                          training=False)).numpy() for i in range(0, len(feats), batch)])
+
+
+def predictions(deployed: Deployed, x_test: np.ndarray) -> dict:
+    """Exit and server probabilities of every client on every test image."""
+    exit_p, server_p = [], []
+    for k in range(len(deployed.meta["clients"])):
+        p, f = deployed.front_outputs(k, x_test)
+        exit_p.append(p)
+        server_p.append(deployed.server_probs(f))
+    return {"exit_probs": np.stack(exit_p), "server_probs": np.stack(server_p)}
+
+
+def model_flops(model: tf.keras.Model) -> float:
+    """FLOPs of a ``[x, bits]`` Keras model for one input, from the TF profiler (front end: extractor + exit
+    head; backend: features to logits)."""
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    fn = tf.function(lambda x, b: model([x, b], training=False)).get_concrete_function(
+        tf.TensorSpec([1, *model.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([1, 2], tf.float32))
+    opts = option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation()) \
+        .with_empty_output().build()
+    return float(model_analyzer.profile(fn.graph, options=opts).total_float_ops)
+
+
+def evaluate_predictions(meta: dict, preds: dict, y_test: np.ndarray, threshold: float | None = None,
+                         latency: LatencyModel | None = None, flops: dict | None = None) -> dict:
+    """The per-client table: accuracy without (p=0) and with OOD test samples, offload ratio, modelled latency."""
+    latency = latency or LatencyModel()
+    thr = meta["threshold"] if threshold is None else threshold
+    feat_elems = int(np.prod(meta["feature_shape"]))
+    flops = flops or {}
+    clients, table = [], {}
+    for c in meta["clients"]:
+        k = c["client"]
+        ep, sp = preds["exit_probs"][k], preds["server_probs"][k]
+        row = {key: c[key] for key in ("client", "architecture", "bits", "id_classes", "train_examples")}
         for p in OOD_FRACTIONS:
-            key = f"p{p:g}"
-            table[key] = {m: float(np.mean([c[key][m] for c in clients]))
-                          for m in ("accuracy", "offload_ratio", "exit_accuracy", "server_accuracy", "latency_ms")}
-        return {"clients": clients, "mean": table, "latency_model": latency.describe(),
-                "threshold": self.cfg.threshold if threshold is None else threshold}
+            idx, is_ood = partition.test_indices(y_test, np.array(c["id_classes"]), p, meta["config"]["seed"] + k)
+            y, e, s = y_test[idx], ep[idx].argmax(-1), sp[idx].argmax(-1)
+            split = meta["algorithm"]["split"]
+            off = (ep[idx].max(-1) < thr) if split else np.zeros(len(idx), bool)
+            pred = np.where(off, s, e)
+            row[f"p{p:g}"] = {
+                "accuracy": float(np.mean(pred == y)), "offload_ratio": float(np.mean(off)),
+                "exit_accuracy": float(np.mean(e == y)), "server_accuracy": float(np.mean(s == y)) if split else None,
+                "ood_accuracy": float(np.mean(pred[is_ood] == y[is_ood])) if is_ood.any() else None,
+                "latency_ms": latency.mean_ms(k, flops.get(c["architecture"], 0.0), float(np.mean(off)), feat_elems,
+                                              c["bits"], flops.get("server", 0.0)),
+                "samples": int(len(idx))}
+        clients.append(row)
+    for p in OOD_FRACTIONS:
+        key = f"p{p:g}"
+        table[key] = {m: (None if clients[0][key][m] is None else float(np.mean([r[key][m] for r in clients])))
+                      for m in ("accuracy", "offload_ratio", "exit_accuracy", "server_accuracy", "latency_ms")}
+    return {"clients": clients, "mean": table, "latency_model": latency.describe(), "threshold": thr}
 
 
-def _tf(tree):
-    return tf.nest.map_structure(tf.constant, tree)
+def evaluate_run(run_path: Path, threshold: float | None = None, write: bool = True,
+                 space: ModelSpace | None = None) -> dict:
+    """Evaluate a finished federated run from its checkpoints (``tfbitmeta evaluate RUN``)."""
+    dep = Deployed(run_path, space)
+    meta = dep.meta
+    data = datasets.load(meta["config"]["dataset"], seed=meta["config"]["seed"])
+    preds = predictions(dep, dep.norm.apply(data.x_test).numpy())
+    flops = {"server": model_flops(dep.backend)}
+    for c in meta["clients"]:
+        if c["architecture"] not in flops:
+            flops[c["architecture"]] = model_flops(dep.client(c["client"]).front_end(c["split"]))
+    results = evaluate_predictions(meta, preds, data.y_test.astype(np.int32), threshold, flops=flops)
+    if write:
+        np.savez_compressed(dep.run.path / "predictions.npz", **{k: v.astype(np.float16) for k, v in preds.items()})
+    return results
 
 
-def save(sim: Simulation, results: dict, out: Path) -> None:
-    """results.json, the round history, per-client front ends and the server backend (npz), PNG plots."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": asdict(sim.cfg), "rounds": sim.history, **results}, indent=2))
-    ck = out / "checkpoints"
-    ck.mkdir(exist_ok=True)
-    for k in range(sim.cfg.clients):
-        w, arch, head, b = sim.front_end(k)
-        np.savez(ck / f"client{k}.npz", **{f"extractor/{n}": v.numpy() for n, v in w.items()},
-                 **{f"head/{n}": v.numpy() for n, v in head.items()}, architecture=arch.name, bits=b)
-    np.savez(ck / "server.npz", **sim.server_w)
-    np.savez(ck / "bank.npz", **sim.global_bank)
-    plot(results, sim.history, out / "results.png", sim.cfg.algorithm)
+def simulate(cfg: SimConfig, out: Path | None, progress: bool = True) -> tuple[Simulation, dict]:
+    """Run the rounds, deploy (calibrate, checkpoint) and evaluate; write the run directory ``out`` (a temporary
+    one when None)."""
+    import tempfile
+
+    tmp = None
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tfbitmeta-sim-")
+        out = Path(tmp.name)
+    out = check_writable(Path(out))
+    sim = Simulation(cfg, progress=progress)
+    try:
+        t0 = time.perf_counter()
+        sim.run()
+        seconds = time.perf_counter() - t0
+    finally:
+        sim.process.close()
+    sim.write_run(out, {"state": "deploying", "rounds": cfg.rounds})
+    sim.finalize(out)
+    results = evaluate_run(out, write=True, space=sim.space)
+    results.update(train_seconds=seconds, round_seconds=[h["seconds"] for h in sim.history])
+    sim.write_run(out, {"state": "done", "rounds": cfg.rounds, "train_seconds": round(seconds, 2)})
+    (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "algorithm": sim.alg.to_dict(),
+                                                  "rounds": sim.history, **results}, indent=2))
+    plot(results, sim.history, out / "results.png", cfg.algorithm)
+    results["predictions"] = dict(np.load(out / "predictions.npz"))
+    if tmp is not None:
+        tmp.cleanup()
+    return sim, results
 
 
 def plot(results: dict, history: list[dict], path: Path, title: str) -> None:
@@ -351,9 +453,10 @@ def plot(results: dict, history: list[dict], path: Path, title: str) -> None:
     axes[0].set_xlabel("client")
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend(fontsize=7)
-    axes[1].plot([h["round"] for h in history], [h["exit_loss"] for h in history], label="client exit CE")
+    axes[1].plot([h["round"] for h in history], [h.get("exit_loss") for h in history], label="client exit CE")
     if history and history[0].get("server_ce") is not None:
         axes[1].plot([h["round"] for h in history], [h["server_ce"] for h in history], label="server CE")
+    if history and history[0].get("contrastive") is not None:
         axes[1].plot([h["round"] for h in history], [h["contrastive"] for h in history], label="contrastive")
     axes[1].set_xlabel("round")
     axes[1].legend(fontsize=7)
@@ -367,38 +470,15 @@ def plot(results: dict, history: list[dict], path: Path, title: str) -> None:
 
 def format_table(results: dict) -> str:
     """Per-client and mean accuracy without (p=0) and with OOD samples, offload ratio and modelled latency."""
-    head = f"{'client':>6} {'arch':<14} {'bits':>4} {'ID classes':<12} {'acc p=0':>8} {'p=0.5':>7} {'p=1':>7} " \
+    head = f"{'client':>6} {'arch':<20} {'bits':>4} {'ID classes':<12} {'acc p=0':>8} {'p=0.5':>7} {'p=1':>7} " \
            f"{'offload p=1':>11} {'latency p=1':>11}"
     lines = [head]
 
     def row(name, arch, bits, ids, m):
-        return (f"{name:>6} {arch:<14} {bits:>4} {ids:<12} {100 * m['p0']['accuracy']:>7.1f}% "
+        return (f"{name:>6} {arch:<20} {bits:>4} {ids:<12} {100 * m['p0']['accuracy']:>7.1f}% "
                 f"{100 * m['p0.5']['accuracy']:>6.1f}% {100 * m['p1']['accuracy']:>6.1f}% "
                 f"{100 * m['p1']['offload_ratio']:>10.1f}% {m['p1']['latency_ms']:>9.1f}ms")
     for c in results["clients"]:
         lines.append(row(c["client"], c["architecture"], str(c["bits"]), ",".join(map(str, c["id_classes"])), c))
     lines.append(row("mean", "", "", "", results["mean"]))
     return "\n".join(lines)
-
-
-def simulate(cfg: SimConfig, out: Path | None, progress: bool = True) -> tuple[Simulation, dict]:
-    """Run the rounds, evaluate, and (with ``out``) write results.json, results.png and the checkpoints."""
-    if out is not None:
-        out = Path(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TfbitmetaError(f"cannot write to --out {out}: {e.strerror}") from None
-    sim = Simulation(cfg, progress=progress)
-    try:
-        t0 = time.perf_counter()
-        sim.run()
-        seconds = time.perf_counter() - t0
-        results = sim.evaluate()
-        results["train_seconds"] = seconds
-        results["round_seconds"] = [h["seconds"] for h in sim.history]
-    finally:
-        sim.executor.close()
-    if out is not None:
-        save(sim, results, out)
-    return sim, results

@@ -24,7 +24,7 @@ from tfbitmeta.data.pipeline import Normalization, eval_batches, train_batches
 from tfbitmeta.errors import BadArgument, DataMissing
 from tfbitmeta.meta.evaluate import Predictor
 from tfbitmeta.meta.methods import Method
-from tfbitmeta.meta.run import RunDir, TrainConfig, restore_weights, save_weights
+from tfbitmeta.runs import RunDir, TrainConfig, restore_weights, save_weights
 from tfbitmeta.models import BitModel
 from tfbitmeta.quant.bitwidth import FP, config_name
 from tfbitmeta.quant.calibration import calibrate_batchnorm

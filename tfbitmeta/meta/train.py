@@ -11,7 +11,7 @@ from tfbitmeta.data.pipeline import Normalization, eval_batches
 from tfbitmeta.meta.evaluate import accuracy_table, write_results
 from tfbitmeta.meta.loop import FitResult, Trainer, checkpoint_bytes
 from tfbitmeta.meta.methods import make_method
-from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable, open_training_run
+from tfbitmeta.runs import RunDir, TrainConfig, check_writable, open_training_run
 from tfbitmeta.models import ModelConfig, build, min_input_size
 from tfbitmeta.quant.bitwidth import DEFAULT_BITS, BitSpace, Config
 from tfbitmeta.quant.quantizers import DEFAULT_SCHEME

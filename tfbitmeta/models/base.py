@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
-from tfbitmeta.errors import BadArgument
+from tfbitmeta.errors import BadArgument, TfbitmetaError
 from tfbitmeta.quant.bitwidth import BitSpace
 from tfbitmeta.quant.layers import ADAPTIVE, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QReLU
 from tfbitmeta.quant.quantizers import DEFAULT_SCHEME
@@ -61,8 +61,11 @@ class ModelConfig:
     first_last: str | int = "auto"
     bn_mode: str = "calibrated"
     candidates: BitSpace = dataclasses.field(default_factory=BitSpace)
-    exits: tuple[int, ...] | None = None
-    dropout: float | None = None
+    exits: tuple[int, ...] | None = None  # split points with an early-exit head; None = the family's default
+    dropout: float | None = None  # None = the family's default
+    # feature adapter at the (single) exit split: max-pool to ``size`` (when larger), then a quantized 1x1 conv ->
+    # BatchNorm -> ReLU+Q to ``channels``, so models of different families emit one common feature shape
+    adapter: dict | None = None  # {"channels": C, "size": [H, W]}
 
     def __post_init__(self):
         self.first_last = first_last_precision(self.first_last, self.scheme)
@@ -72,6 +75,8 @@ class ModelConfig:
         d["candidates"] = self.candidates.to_config()
         d["input_shape"] = list(self.input_shape)
         d["exits"] = None if self.exits is None else list(self.exits)
+        d["adapter"] = None if self.adapter is None else {"channels": int(self.adapter["channels"]),
+                                                          "size": [int(v) for v in self.adapter["size"]]}
         return d
 
     @classmethod
@@ -145,16 +150,55 @@ class ExitHead:
         return self.dense([self.pool(h), bits])
 
 
+class Adapter:
+    """Maps a stage's output to a common feature shape (docs/federated.md): max-pool down to ``size`` when the map is
+    larger, then quantized 1x1 conv -> BitBatchNorm -> ReLU+Q to ``channels``."""
+
+    def __init__(self, L: LayerFactory, channels: int, size, in_size):
+        self.pool = None
+        if tuple(in_size) != tuple(size):
+            ph, pw = (_pool_for(i, o) for i, o in zip(in_size, size))
+            self.pool = tf.keras.layers.MaxPool2D((ph[0], pw[0]), (ph[1], pw[1]), name="adapter_pool")
+        self.conv = L.conv(channels, 1, name="adapter_conv")
+        self.bn = L.bn(name="adapter_bn")
+        self.relu = L.relu(name="adapter_relu")
+
+    def __call__(self, h, bits):
+        if self.pool is not None:
+            h = self.pool(h)
+        return self.relu([self.bn([self.conv([h, bits]), bits]), bits])
+
+
+def _pool_for(n_in: int, n_out: int) -> tuple[int, int]:
+    """(pool size, stride) of a 'valid' max-pool that maps ``n_in`` to ``n_out``."""
+    if n_out > n_in:
+        raise TfbitmetaError(f"adapter: cannot enlarge a {n_in}-px feature map to {n_out} px; split later")
+    for stride in range(max(1, n_in // n_out), 0, -1):
+        k = n_in - (n_out - 1) * stride
+        if 1 <= k <= 2 * stride + 1:
+            return k, stride
+    raise TfbitmetaError(f"adapter: no max-pool maps {n_in} px to {n_out} px")
+
+
 class BitModel:
     """The full Keras model plus its parts, sharing weights."""
 
     def __init__(self, cfg: ModelConfig, stages: Sequence[Stage], default_exits: tuple[int, ...]):
         self.cfg = cfg
+        self._projected = {}
         self.stages = list(stages)
         self.exits = tuple(default_exits if cfg.exits is None else cfg.exits)
         for s in self.exits:
             self._check_split(s)
         L = LayerFactory(cfg)
+        if cfg.adapter is not None:
+            if len(self.exits) != 1:
+                raise TfbitmetaError("a feature adapter needs exactly one split (exits=(s,))")
+            s = self.exits[0]
+            raw = self.feature_shape(s)
+            adapter = Adapter(L, int(cfg.adapter["channels"]), cfg.adapter["size"], raw[:2])
+            inner = self.stages[s - 1]
+            self.stages[s - 1] = Stage(inner.name, lambda h, b, inner=inner: adapter(inner.fn(h, b), b))
         self.exit_heads = {s: ExitHead(L, cfg.num_classes, s, int(self.feature_shape(s)[-1])) for s in self.exits}
         image, bits = self._inputs()
         h, outputs = image, {}
@@ -205,6 +249,27 @@ class BitModel:
         for stage in self.stages[split:]:
             h = stage(h, bits)
         return tf.keras.Model([feats, bits], h, name=f"backend{split}")
+
+    def backend_with_projection(self, split: int, dim: int) -> tf.keras.Model:
+        """The backend plus a projection head for contrastive losses: outputs ``{"logits", "projection"}``, the
+        projection being a dense layer (last-layer precision) on the flattened output of the stage before the
+        classifier stage.  Built once per (split, dim); the logits path is exactly :meth:`backend`'s."""
+        key = (split, dim)
+        if key not in self._projected:
+            self._check_split(split)
+            if not hasattr(self, "_projection_layers"):
+                self._projection_layers = {}
+            proj = self._projection_layers.setdefault(dim, LayerFactory(self.cfg).dense(dim, role="last",
+                                                                                          name=f"projection{dim}"))
+            feats, bits = self._inputs(self.feature_shape(split), name="features")
+            h = feats
+            for stage in self.stages[split:-1]:
+                h = stage(h, bits)
+            z = proj([tf.keras.layers.Flatten(name=f"projection{dim}_flatten")(h), bits])
+            logits = self.stages[-1](h, bits)
+            self._projected[key] = tf.keras.Model([feats, bits], {"logits": logits, "projection": z},
+                                                  name=f"backend{split}_projected")
+        return self._projected[key]
 
     def front_end(self, split: int) -> tf.keras.Model:
         """Extractor + early-exit head: the device part, outputs ``{"exit": logits, "features": h}``."""

@@ -81,11 +81,15 @@ class FrontendCache:
         self._failed: dict[tuple[int, int], tuple[float, ApiError]] = {}
         self.family = self.candidates = None
         if self.run is not None:
-            from tfbitmeta.meta.run import RunDir
+            from tfbitmeta.runs import RunDir, run_kind
 
-            run_dir = RunDir(self.run)
-            self.family = run_dir.read_meta()["model"]["family"]
-            self.candidates = run_dir.model_config().candidates
+            meta = RunDir(self.run).read_meta()
+            kind = run_kind(meta)
+            if kind != "mebqat":  # serve --run dispatches on the run's kind
+                raise TfbitmetaError(f"--run {self.run}: on-demand front ends are converted from MEBQAT checkpoints; "
+                                     f"this is a {kind} run: export it with `tfbitmeta convert` and serve --models")
+            self.family = meta["model"]["family"]
+            self.candidates = RunDir(self.run).model_config().candidates
         self.clean()
 
     def folder(self, cfg: tuple[int, int]) -> Path:

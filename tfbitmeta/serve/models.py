@@ -30,12 +30,16 @@ def read_manifest(folder: Path) -> dict:
 
 
 def feature_spec(manifest: dict, backend: dict) -> FeatureSpec:
-    """The backend's input, with the quantization of the matching front end's ``features`` output."""
+    """The backend's input, with the quantization of the ``features`` output of the front ends that name this
+    backend (their ``backend`` field); they must agree."""
     inp = backend["inputs"][0]
-    quant = None
-    for f in manifest["files"]:
-        if f["kind"] == "front_end" and f["bits"]["name"] == backend["bits"]["name"] and f["split"] == backend["split"]:
-            quant = next((t["quantization"] for t in f["outputs"] if t["name"] == inp["name"]), None)
+    name = Path(backend["path"]).stem
+    quants = {json.dumps(next((t["quantization"] for t in f["outputs"] if t["name"] == inp["name"]), None),
+                         sort_keys=True)
+              for f in manifest["files"] if f["kind"] == "front_end" and f.get("backend") == name}
+    if len(quants) > 1:
+        raise TfbitmetaError(f"front ends naming backend {name!r} quantize their features differently: {sorted(quants)}")
+    quant = json.loads(quants.pop()) if quants else None
     a = backend["bits"]["a"]
     return FeatureSpec(name=inp["name"], shape=tuple(int(d) for d in inp["shape"][1:]), signature=backend["signature"],
                        scale=quant and quant["scale"], zero_point=quant and quant["zero_point"],

@@ -35,7 +35,7 @@ from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.confidence import mean_ci
 from tfbitmeta.meta.fewshot.config import SEED_OFFSETS, FewShotConfig, make_algorithm
 from tfbitmeta.meta.fewshot.hausdorff import HausdorffNearestSupport
-from tfbitmeta.meta.run import RunDir, TrainConfig, check_writable
+from tfbitmeta.runs import RunDir, TrainConfig, check_writable
 from tfbitmeta.quant.bitwidth import Config, config_name
 
 ALL_SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")

@@ -24,7 +24,7 @@ from tfbitmeta.meta.fewshot.config import (RECIPE, SEED_OFFSETS, STANDARD_SETTIN
                                            model_space)
 from tfbitmeta.meta.fewshot.evaluation import episode_accuracy, episode_arrays, evaluate_run
 from tfbitmeta.meta.loop import FitResult, TrainingLoop, checkpoint_bytes
-from tfbitmeta.meta.run import RunDir, TrainConfig, open_training_run, restore_weights, save_weights
+from tfbitmeta.runs import RunDir, TrainConfig, open_training_run, restore_weights, save_weights
 from tfbitmeta.models import BitModel, ModelConfig, build
 from tfbitmeta.quant.bitwidth import FP, BitSpace, Config, config_name
 

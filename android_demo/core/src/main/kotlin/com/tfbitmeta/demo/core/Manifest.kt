@@ -20,9 +20,12 @@ data class FrontEnd(
     /** feature shape without the batch dimension */
     val featureShape: List<Int>,
     val featureQuantization: Quantization?,
+    /** The server-side model that answers for this front end: the manifest's `backend` field (never derived). */
+    val backend: String,
+    /** Federated exports: the client this front end belongs to and its architecture (null otherwise). */
+    val client: Int? = null,
+    val architecture: String? = null,
 ) {
-    /** The server-side model of the same bitwidth and split (Python: `backend_name`). */
-    val backend: String get() = "backend_${bitsName}_split$split"
     val featureCount: Int get() = featureShape.fold(1) { a, b -> a * b }
 }
 
@@ -34,6 +37,14 @@ data class Manifest(
     val inputShape: List<Int>,
     val frontEnds: List<FrontEnd>,
 ) {
+    /** A federated export holds several clients' front ends: those of [client] (all when null). */
+    fun forClient(client: Int?): Manifest {
+        if (client == null) return this
+        val mine = frontEnds.filter { it.client == client }
+        if (mine.isEmpty()) throw ManifestException("no front end of client $client in the manifest")
+        return copy(frontEnds = mine)
+    }
+
     val height: Int get() = inputShape[0]
     val width: Int get() = inputShape[1]
     val channels: Int get() = inputShape[2]
@@ -86,6 +97,11 @@ data class Manifest(
                 exitThreshold = if (th == null || th == JsonNull) null else th.dbl("$path: exit_threshold"),
                 featureShape = features["shape"].arr("$path: features.shape").drop(1).map { it.int("$path: shape[]") },
                 featureQuantization = quant,
+                backend = f["backend"].str("$path: backend"),
+                client = f["client"].let { if (it == null || it == JsonNull) null else it.int("$path: client") },
+                architecture = f["architecture"].let {
+                    if (it == null || it == JsonNull) null else it.str("$path: architecture")
+                },
             )
         }
     }

@@ -21,7 +21,11 @@ object TestData {
 
     val golden: JsonObject by lazy { Json.parse(File(goldenDir, "golden.json").readText()).obj("golden") }
     val manifestText: String by lazy { File(modelsDir, "manifest.json").readText() }
-    val manifest: Manifest by lazy { Manifest.parse(manifestText) }
+    /** The golden vectors of a federated export are those of one client (`client` in golden.json). */
+    val manifest: Manifest by lazy {
+        val client = golden["client"].let { if (it == null || it == JsonNull) null else it.int("client") }
+        Manifest.parse(manifestText).forClient(client)
+    }
     val cases: List<JsonObject> by lazy { golden["cases"].arr("cases").map { it.obj("case") } }
 
     fun bytes(name: String): ByteArray = File(goldenDir, name).readBytes()

@@ -1,7 +1,11 @@
-"""A run directory: what was trained, how to rebuild it, and its checkpoints.
+"""A run directory: what was trained, how to rebuild it, and its checkpoints (every trainer writes one).
+
+``run.json`` names the run's ``kind`` -- ``mebqat`` (``tfbitmeta train``), ``fewshot`` (the few-shot methods) or
+``federated`` (``tfbitmeta simulate``) -- and ``convert``, ``evaluate`` and ``serve --run`` dispatch on it
+(:func:`run_kind`).  A MEBQAT run:
 
 ```
-OUT/run.json          model config, normalization, dataset, training config, status (version 1)
+OUT/run.json          kind, model config, normalization, dataset, training config, status (version 1)
 OUT/ckpt/             training checkpoints (model, optimizer, step, best score) for --resume
 OUT/best/             best-on-validation weights (selection never looks at test data)
 OUT/model/            final weights: best weights with calibrated per-bitwidth BN statistics
@@ -22,6 +26,15 @@ from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.models import BitModel, ModelConfig, build
 
 RUN_VERSION = 1
+KINDS = ("mebqat", "fewshot", "federated")
+
+
+def run_kind(meta: dict) -> str:
+    """The run's kind; runs written before ``kind`` existed are few-shot when they carry a ``fewshot`` section."""
+    kind = meta.get("kind") or ("fewshot" if "fewshot" in meta else "mebqat")
+    if kind not in KINDS:
+        raise TfbitmetaError(f"unknown run kind {kind!r} in run.json: expected one of {', '.join(KINDS)}")
+    return kind
 
 
 @dataclasses.dataclass
@@ -85,12 +98,20 @@ class RunDir:
         return self.meta_file.is_file()
 
     def write_meta(self, model_cfg: ModelConfig, norm: Normalization, train_cfg: TrainConfig, dataset: dict,
-                   status: dict | None = None, extra: dict | None = None):
-        meta = {"version": RUN_VERSION, "model": model_cfg.to_dict(), "normalization": norm.to_dict(),
-                "dataset": dataset, "train": dataclasses.asdict(train_cfg), "status": status or {}, **(extra or {})}
+                   status: dict | None = None, extra: dict | None = None, kind: str | None = None):
+        kind = kind or ("fewshot" if "fewshot" in (extra or {}) else "mebqat")
+        self.write_raw({"version": RUN_VERSION, "kind": kind, "model": model_cfg.to_dict(),
+                        "normalization": norm.to_dict(), "dataset": dataset, "train": dataclasses.asdict(train_cfg),
+                        "status": status or {}, **(extra or {})})
+
+    def write_raw(self, meta: dict):
+        """Write ``meta`` (which must carry ``version`` and ``kind``) atomically."""
         tmp = self.meta_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, self.meta_file)
+
+    def kind(self) -> str:
+        return run_kind(self.read_meta())
 
     def read_meta(self) -> dict:
         if not self.path.exists():
@@ -101,7 +122,12 @@ class RunDir:
             meta = json.loads(self.meta_file.read_text())
             if meta.get("version") != RUN_VERSION:
                 raise TfbitmetaError(f"{self.meta_file} has version {meta.get('version')}, expected {RUN_VERSION}")
-            ModelConfig.from_dict(meta["model"])
+            if run_kind(meta) == "federated":
+                for c in meta["clients"]:
+                    ModelConfig.from_dict(c["model"])
+                ModelConfig.from_dict(meta["server"]["model"])
+            else:
+                ModelConfig.from_dict(meta["model"])
             return meta
         except (ValueError, KeyError, TypeError) as e:
             raise TfbitmetaError(f"corrupt run metadata {self.meta_file}: {e}") from None
@@ -120,9 +146,10 @@ class RunDir:
     def normalization(self) -> Normalization:
         return Normalization.from_dict(self.read_meta()["normalization"])
 
-    def load_model(self, which: str = "model") -> BitModel:
-        """Rebuild the model from run.json and restore weights from ``model/`` (final) or ``best/``."""
-        bm = build(self.model_config())
+    def load_model(self, which: str = "model", cfg: ModelConfig | None = None) -> BitModel:
+        """Rebuild the model from run.json (or ``cfg``) and restore weights from ``which`` (``model/`` = final,
+        ``best/``; a federated run's ``clients/<k>/`` or ``server/``)."""
+        bm = build(cfg or self.model_config())
         restore_weights(bm.keras, self.path / which)
         return bm
 

@@ -1,0 +1,164 @@
+"""The algorithms of ``tfbitmeta simulate`` as classes; ablations are constructor parameters.
+
+Each is a frozen description the client work, server work and aggregator read (docs/federated.md):
+
+* ``split``: the client uses the server backend (U-shaped exchange); ``labels_to_server``: SplitGP's exchange, the
+  server computes the cross-entropy itself;
+* ``contrastive``: weight of the server-side NT-Xent between two views of the same images (0 = off);
+* ``sample``: the second view is a sampled architecture x bitwidth (else the client's own, repeated);
+* ``server_views``: which views the server's cross-entropy trains on: ``"sampled"`` (balanced over the architecture
+  space, so no client's own extractor signature is rewarded) or ``"both"``;
+* ``inner``: one inner SGD step of the exit head on a support half-batch before the query loss (first-order MAML,
+  "learn to personalize");
+* ``lam_bank`` / ``lam_head``: what a client keeps when it receives the aggregate, ``lam * own + (1 - lam) *
+  global`` (0 = take the global model, 1 = keep its own; SplitGP's lambda-mix in between);
+* ``share_bank`` / ``share_head``: whether the aggregator averages them; ``single_arch``: every client runs the
+  first architecture; ``centralized``: one learner holds the pooled data (the upper bound).
+
+Deployment (docs/harmony.md; they change nothing in training):
+
+* ``router``: the routing score (``tfbitmeta.federated.routing.SCORES``); ``keep_local``: the share of the
+  client's validation ID images kept local, which calibrates its threshold (None: the fixed ``--threshold``);
+* ``finetune_head``: the client fine-tunes the (shared) exit head on its own data before deploying, the shared
+  head staying its router; ``defer_own_classes``: an offloaded image the server labels as one of the client's
+  classes keeps the exit head's answer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from tfbitmeta.errors import TfbitmetaError
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str = "harmony"
+    split: bool = True
+    labels_to_server: bool = False
+    contrastive: float = 0.5
+    temperature: float = 0.5
+    sample: bool = True
+    server_views: str = "sampled"
+    inner: bool = True
+    exit_weight: float = 1.0
+    server_weight: float = 1.0
+    lam_bank: float = 0.0
+    lam_head: float = 1.0
+    share_bank: bool = True
+    share_head: bool = False
+    single_arch: bool = False
+    centralized: bool = False
+    router: str = "max_softmax"
+    keep_local: float | None = None
+    finetune_head: bool = False
+    defer_own_classes: bool = False
+
+    def to_dict(self) -> dict:
+        return {"class": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Harmony(Algorithm):
+    """Ours: shared extractor bank (HeteroFL) and shared exit head, server CE on sampled views, contrastive on both;
+    at deployment a personal head fine-tuned from the shared one, routing on the shared head's posterior mass on
+    the client's classes calibrated on its validation ID data, deferral to the exit head on the client's classes."""
+    share_head: bool = True
+    lam_head: float = 0.0
+    router: str = "posterior"
+    keep_local: float | None = 0.95
+    finetune_head: bool = True
+    defer_own_classes: bool = True
+
+
+@dataclass(frozen=True)
+class SplitGP(Algorithm):
+    """SplitGP: labels sent to the server, gamma-weighted exit / server losses, lambda-mix of extractor and head."""
+    name: str = "splitgp"
+    labels_to_server: bool = True
+    contrastive: float = 0.0
+    sample: bool = False
+    server_views: str = "both"
+    inner: bool = False
+    exit_weight: float = 0.5
+    server_weight: float = 0.5
+    lam_bank: float = 0.2
+    lam_head: float = 0.2
+    share_head: bool = True
+
+
+@dataclass(frozen=True)
+class FedAvg(Algorithm):
+    """One global model of the first architecture, no server."""
+    name: str = "fedavg"
+    split: bool = False
+    contrastive: float = 0.0
+    sample: bool = False
+    inner: bool = False
+    lam_head: float = 0.0
+    share_head: bool = True
+    single_arch: bool = True
+
+
+@dataclass(frozen=True)
+class Local(Algorithm):
+    """Local training only: no server, nothing shared."""
+    name: str = "local"
+    split: bool = False
+    contrastive: float = 0.0
+    sample: bool = False
+    inner: bool = False
+    lam_bank: float = 1.0
+    share_bank: bool = False
+
+
+@dataclass(frozen=True)
+class Centralized(Algorithm):
+    """The upper bound: one learner with the pooled data, the first architecture at sampled bitwidths, the server
+    backend trained with labels."""
+    name: str = "centralized"
+    labels_to_server: bool = True
+    contrastive: float = 0.0
+    sample: bool = False
+    server_views: str = "both"
+    inner: bool = False
+    share_bank: bool = False
+    single_arch: bool = True
+    centralized: bool = True
+
+
+ALGORITHMS = {
+    "harmony": Harmony(),
+    "harmony-no-contrastive": Harmony(name="harmony-no-contrastive", contrastive=0.0),
+    "harmony-no-sampling": Harmony(name="harmony-no-sampling", sample=False, server_views="both"),
+    "harmony-no-inner": Harmony(name="harmony-no-inner", inner=False),
+    # before issue 13: personal exit heads, nothing shared but the bank (routing: Mahalanobis on the features)
+    "harmony-personal-heads": Harmony(name="harmony-personal-heads", share_head=False, lam_head=1.0,
+                                      router="mahalanobis", finetune_head=False, defer_own_classes=False),
+    # one per new deployment component: the same training as "harmony"
+    "harmony-mahalanobis": Harmony(name="harmony-mahalanobis", router="mahalanobis"),
+    "harmony-max-softmax": Harmony(name="harmony-max-softmax", router="max_softmax"),
+    "harmony-no-finetune": Harmony(name="harmony-no-finetune", finetune_head=False),
+    "harmony-no-defer": Harmony(name="harmony-no-defer", defer_own_classes=False),
+    "splitgp": SplitGP(),
+    "fedavg": FedAvg(),
+    "local": Local(),
+    "centralized": Centralized(),
+}
+
+
+def get(name: str, **overrides) -> Algorithm:
+    try:
+        alg = ALGORITHMS[name]
+    except KeyError:
+        raise TfbitmetaError(f"unknown algorithm {name!r}: use {', '.join(ALGORITHMS)}") from None
+    return replace(alg, **overrides) if overrides else alg
+
+
+DEPLOYMENT_FIELDS = ("name", "router", "keep_local", "finetune_head", "defer_own_classes")
+DEPLOYMENT_ABLATIONS = ("harmony-mahalanobis", "harmony-max-softmax", "harmony-no-finetune", "harmony-no-defer")
+
+
+def same_training(a: Algorithm, b: Algorithm) -> bool:
+    """Whether two algorithms train identically (they may differ in deployment only)."""
+    da, db = asdict(a), asdict(b)
+    return all(da[k] == db[k] for k in da if k not in DEPLOYMENT_FIELDS) and type(a) is type(b)
