@@ -5,7 +5,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 
-from tfbitmeta.federated.workers import reap_workers, worker_processes  # noqa: E402
+from tfbitmeta.federated.workers import reap_workers, stop_local_services, worker_processes  # noqa: E402
 
 
 WORKER_PID_FILE = os.environ.get("TFBITMETA_WORKER_PIDS")
@@ -35,6 +35,7 @@ def _reap_tff_workers():
     """TFF's worker_binary outlives Python and holds stdout: never leave one behind (docs/stack.md, "The worker_binary")."""
     yield
     record_workers()
+    stop_local_services()  # TFF's own destructor, while the interpreter is whole (no traceback after the summary)
     reap_workers()
     assert not worker_processes(), "a TFF worker_binary survived the test session"
 

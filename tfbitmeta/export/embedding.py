@@ -129,9 +129,11 @@ def export_embedding(run_path: Path, bits: str, out: Path, int4: bool = True, ve
 def write_embedding_manifest(out: Path, entries: list[dict], bm, norm, fcfg) -> dict:
     """``manifest.json`` of embedding files, with the one manifest writer of every exporter (the files are
     already in ``out``)."""
-    model = {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
-             "num_classes": int(bm.cfg.num_classes), "exits": [], "candidate_bits": list(bm.cfg.candidates.bits)}
     labels = [f"way{i}" for i in range(max(2, fcfg.ways))]  # classes are the device's prototypes
+    # a ProtoNet embedding has no classifier (num_classes 0 in its model config): its classes are the N ways
+    num_classes = int(bm.cfg.num_classes) if bm.cfg.num_classes >= 2 else len(labels)
+    model = {"family": bm.cfg.family, "width": bm.cfg.width, "scheme": bm.cfg.scheme,
+             "num_classes": num_classes, "exits": [], "candidate_bits": list(bm.cfg.candidates.bits)}
     return write_manifest(out, out, entries, model, labels, manifest_input(norm, bm.cfg.input_shape),
                           f"tfbitmeta convert (few-shot {fcfg.method} embedding)")
 

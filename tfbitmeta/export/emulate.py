@@ -544,12 +544,51 @@ def _relu(kind):
     return run
 
 
+def _pad(args, tins, tout, opt, ctx):
+    """PAD / PADV2: data movement; the fill is the output zero point (PAD) or the raw constant (PADV2), as in
+    TFLite's kernel (no requantization: the output shares the input's scale and zero point)."""
+    x = np.asarray(args[0])
+    paddings = np.asarray(args[1], np.int64).reshape(-1, 2)
+    if len(args) > 2 and args[2] is not None:
+        fill = np.asarray(args[2]).reshape(-1)[0]
+    else:
+        fill = int(tout.zero_point[0]) if _is_int(tout) else 0
+    if _is_int(tins[0]) and not _same_q(tins[0], tout):
+        raise UnsupportedOp("int8 PAD with requantization")
+    return np.pad(x, [tuple(int(v) for v in p) for p in paddings], constant_values=fill).astype(x.dtype)
+
+
+def _strided_slice(args, tins, tout, opt, ctx):
+    """STRIDED_SLICE without ellipsis/new-axis/shrink masks (what the export graph emits): pure indexing."""
+    x = np.asarray(args[0])
+    begin, end, strides = (np.asarray(a, np.int64).reshape(-1) for a in args[1:4])
+    o = opt
+    masks = {k: int(getattr(o, k, 0) or 0) for k in ("beginMask", "endMask", "ellipsisMask", "newAxisMask",
+                                                      "shrinkAxisMask")}
+    if masks["ellipsisMask"] or masks["newAxisMask"] or masks["shrinkAxisMask"]:
+        raise UnsupportedOp("STRIDED_SLICE with ellipsis/new-axis/shrink masks")
+    index = []
+    for d in range(len(begin)):
+        b = None if masks["beginMask"] >> d & 1 else int(begin[d])
+        e = None if masks["endMask"] >> d & 1 else int(end[d])
+        index.append(slice(b, e, int(strides[d])))
+    return x[tuple(index)]
+
+
+def _concatenation(args, tins, tout, opt, ctx):
+    axis = int(getattr(opt, "axis", 0))
+    if any(_is_int(t) and not _same_q(t, tout) for t in tins):
+        raise UnsupportedOp("int8 CONCATENATION with requantization")
+    return np.concatenate([np.asarray(a) for a in args], axis=axis)
+
+
 _KERNELS = {
     "CONV_2D": _conv2d, "DEPTHWISE_CONV_2D": _depthwise, "FULLY_CONNECTED": _fully_connected,
     "MAX_POOL_2D": _pool("max"), "AVERAGE_POOL_2D": _pool("avg"), "MEAN": _mean, "SOFTMAX": _softmax,
     "ADD": _binary("add"), "SUB": _binary("sub"), "MUL": _binary("mul"),
     "MINIMUM": _minmax(np.minimum), "MAXIMUM": _minmax(np.maximum), "RESHAPE": _reshape,
     "QUANTIZE": _quantize, "DEQUANTIZE": _dequantize, "RELU": _relu("RELU"), "RELU6": _relu("RELU6"),
+    "PAD": _pad, "PADV2": _pad, "STRIDED_SLICE": _strided_slice, "CONCATENATION": _concatenation,
 }
 
 

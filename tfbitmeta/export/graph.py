@@ -270,9 +270,12 @@ class ExportGraph:
             total = max((-(-int(size) // st) - 1) * st + k - int(size), 0)
             pads.append([total // 2, total - total // 2])
         mean_pixel = np.round(np.asarray(self.norm.mean, np.float64) / self.norm.input_scale)
+        means = np.broadcast_to(mean_pixel, (int(x.shape[-1]),))
+        if len(set(means.tolist())) == 1:  # one fill value (grayscale): a single PAD, no slicing
+            return tf.pad(x, [[0, 0], *pads, [0, 0]], constant_values=float(means[0]))
         chans = [tf.pad(x[..., c:c + 1], [[0, 0], *pads, [0, 0]], constant_values=float(m))
-                 for c, m in enumerate(np.broadcast_to(mean_pixel, (int(x.shape[-1]),)))]
-        return chans[0] if len(chans) == 1 else tf.concat(chans, -1)
+                 for c, m in enumerate(means)]
+        return tf.concat(chans, -1)
 
     def apply(self, layer, ins, ev):
         if isinstance(layer, QUANT_LAYERS):
