@@ -242,6 +242,12 @@ class BitModel:
             h = stage(h, bits)
         return tf.keras.Model([image, bits], h, name=f"extractor{split}")
 
+    def exit_head(self, split: int) -> tf.keras.Model:
+        """The early-exit head at ``split`` alone, on the features (the federated clients train it on its own)."""
+        self._check_exit(split)
+        feats, bits = self._inputs(self.feature_shape(split), name="features")
+        return tf.keras.Model([feats, bits], self.exit_heads[split](feats, bits), name=f"exit{split}")
+
     def backend(self, split: int) -> tf.keras.Model:
         self._check_split(split)
         feats, bits = self._inputs(self.feature_shape(split), name="features")
