@@ -376,6 +376,7 @@ def test_evaluate_dispatches_on_the_run_kind(sfl_run):
     (["--bits", "2,16"], "client bitwidths must come from 1-8 and fp"),
     (["--bits", "9"], "bitwidth"),
     (["--architectures", "resnet"], "unknown architecture 'resnet'"),
+    (["--dirichlet=-1"], "Dirichlet alpha must be > 0 (got -1.0) (--dirichlet)"),  # the CLI names the flag
 ])
 def test_simulate_bad_input(tmp_path, args, message):
     r = CliRunner().invoke(main, ["simulate", "--dataset", "digits", "--clients", "2", "--rounds", "1",

@@ -127,6 +127,7 @@ def test_cli_missing_data_dir_is_one_line_error(tmp_path):
     r = CliRunner().invoke(main, ["train", "--method", "mebqat-proto", "--dataset", "omniglot", "--data-dir",
                                   str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 1 and "Error: Omniglot folder" in r.output and "Traceback" not in r.output
+    assert "(--data-dir)" in r.output  # the library names data_dir; the CLI adds the flag
     r = CliRunner().invoke(main, ["train", "--method", "protonet", "--bits", "4", "--dataset", "digits",
                                   "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 1 and "run on --dataset omniglot" in r.output

@@ -94,7 +94,8 @@ class DeviceRuntime:
         fronts = [f for f in self.manifest["files"] if f["kind"] == "front_end"]
         clients = sorted({f["client"] for f in fronts if "client" in f})
         if client is None and len(clients) > 1:
-            raise TfbitmetaError(f"{self.models} holds the front ends of clients {clients}: pass --client K")
+            raise TfbitmetaError(f"{self.models} holds the front ends of clients {clients}: say which client's "
+                                 "front end to run", param="client")
         if client is not None:
             if client not in clients:
                 raise TfbitmetaError(f"no front end of client {client} in {self.models}"
@@ -112,7 +113,7 @@ class DeviceRuntime:
             if client is not None:
                 have = ", ".join(sorted({f["bits"]["name"] for f in fronts}))
                 raise TfbitmetaError(f"client {client} has no front end for {config_name(bits)} in {self.models} "
-                                     f"(have {have}; export more with `tfbitmeta convert RUN --bits all`)")
+                                     f"(have {have}; export every bitwidth with `tfbitmeta convert`)", param="bits")
             return self.fetch(bits, exit_ if exit_ is not None else self.manifest["model"]["exits"][-1])
         if memory_budget is not None:
             fitting = [f for f in fronts if f["bytes"] <= memory_budget]
@@ -141,7 +142,7 @@ class DeviceRuntime:
         have = ", ".join(sorted({config_name((f["bits"]["w"], f["bits"]["a"])) for f in self.fronts()}))
         if not self.server:
             raise TfbitmetaError(f"no front end for {config_name(bits)} in {self.models} (have {have}); "
-                                 "pass --server to fetch one converted on demand")
+                                 "and no server to fetch one converted on demand", param="server")
         import httpx
 
         url = f"{self.server}/v1/frontends/{self.manifest['model']['family']}/{name}/exit{exit_}"

@@ -76,14 +76,14 @@ class SimConfig:
         algorithms.get(self.algorithm)
         if self.engine not in ("tff", "tf"):
             raise TfbitmetaError(f"unknown engine {self.engine!r}: use tff or tf")
-        if self.clients < 1 or self.rounds < 1 or self.local_steps < 1:
-            raise TfbitmetaError("--clients, --rounds and --local-steps must be at least 1")
+        for name in ("clients", "rounds", "local_steps", "tasks"):
+            if getattr(self, name) < 1:
+                raise TfbitmetaError(f"{name} must be at least 1 (got {getattr(self, name)})", param=name)
         if self.batch_size < 2:
-            raise TfbitmetaError("--batch-size must be at least 2 (support and query halves)")
+            raise TfbitmetaError(f"batch_size must be at least 2 (support and query halves; got {self.batch_size})",
+                                 param="batch_size")
         if not 0.0 <= self.dropout < 1.0:
-            raise TfbitmetaError(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if self.tasks < 1:
-            raise TfbitmetaError("--tasks must be at least 1")
+            raise TfbitmetaError(f"dropout must be in [0, 1) (got {self.dropout})", param="dropout")
         parse_architectures(self.architectures)
         self.bit_list()
 
@@ -91,7 +91,7 @@ class SimConfig:
         bits = [parse_bit(t) for t in self.bits.split(",") if t.strip()]
         bad = [b for b in bits if not (1 <= b <= 8 or b == FP)]
         if bad or not bits:
-            raise TfbitmetaError(f"--bits {self.bits!r}: client bitwidths must come from 1-8 and fp")
+            raise TfbitmetaError(f"bits {self.bits!r}: client bitwidths must come from 1-8 and fp", param="bits")
         return list(dict.fromkeys(bits))
 
     def algorithm_object(self) -> algorithms.Algorithm:
@@ -157,7 +157,8 @@ class Simulation:
         cfg, alg = self.cfg, self.alg
         idx = self.learners[k].train
         if len(idx) == 0:
-            raise TfbitmetaError(f"client {k} has no training data: use fewer --clients or another partition")
+            raise TfbitmetaError(f"client {k} has no training data: use fewer clients or another partition",
+                                 param="clients")
         steps = cfg.local_steps * (cfg.clients if alg.centralized else 1)  # same examples per round for everyone
         pick = self.rng.choice(idx, (steps, cfg.batch_size))
         bits = np.array(self.bit_choices)

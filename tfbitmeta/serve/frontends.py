@@ -86,8 +86,9 @@ class FrontendCache:
             meta = RunDir(self.run).read_meta()
             kind = run_kind(meta)
             if kind != "mebqat":  # serve --run dispatches on the run's kind
-                raise TfbitmetaError(f"--run {self.run}: on-demand front ends are converted from MEBQAT checkpoints; "
-                                     f"this is a {kind} run: export it with `tfbitmeta convert` and serve --models")
+                raise TfbitmetaError(f"{self.run}: on-demand front ends are converted from MEBQAT checkpoints; this "
+                                     f"is a {kind} run: export it with `tfbitmeta convert` and serve the exported "
+                                     "models", param="run")
             self.family = meta["model"]["family"]
             self.candidates = RunDir(self.run).model_config().candidates
         self.clean()
@@ -124,7 +125,8 @@ class FrontendCache:
     def get(self, family: str, cfg: tuple[int, int], exit_: int) -> tuple[Path, dict, dict | None]:
         """(file, its manifest entry, the new manifest if this call converted) -- blocking; run in a thread."""
         if self.run is None:
-            raise ApiError(404, "no_checkpoint", "on-demand front ends need the checkpoint: start the server with --run RUN")
+            raise ApiError(404, "no_checkpoint", "on-demand front ends need the checkpoint: this server was "
+                           "started without a training run")
         if family != self.family:
             raise ApiError(404, "unknown_model", f"unknown model family {family[:40]!r}: this server has {self.family!r}")
         try:

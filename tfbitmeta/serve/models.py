@@ -20,7 +20,8 @@ def read_manifest(folder: Path) -> dict:
 
     path = Path(folder) / "manifest.json"
     if not path.is_file():
-        raise TfbitmetaError(f"no manifest.json in {folder}: export models with `tfbitmeta convert RUN --out {folder}`")
+        raise TfbitmetaError(f"no manifest.json in {folder}: export models into it with `tfbitmeta convert`",
+                             param="models")
     try:
         manifest = json.loads(path.read_text())
         validate_manifest(manifest)
