@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import orjson
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.digest import sha256_bytes
 from tfbitmeta.quant.bitwidth import Config, bit_name, config_name
 from tfbitmeta.serve.payload import FeatureSpec, encode_request
 
@@ -157,7 +157,7 @@ class DeviceRuntime:
                                  f"unreachable: {e}") from None
         except ValueError as e:
             raise TfbitmetaError(f"unusable answer from {url}: {e}") from None
-        if not isinstance(entry, dict) or hashlib.sha256(content).hexdigest() != headers.get("x-sha256"):
+        if not isinstance(entry, dict) or sha256_bytes(content) != headers.get("x-sha256"):
             raise TfbitmetaError(f"front end fetched from {url}.tflite fails its sha256 check")
         self.validate_front_end(entry, content, bits, exit_)
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ class DeviceRuntime:
         what = f"front end {config_name(bits)} exit {exit_}"
         try:
             ok = (entry["kind"] == "front_end" and (entry["bits"]["w"], entry["bits"]["a"]) == tuple(bits)
-                  and entry["exit"] == exit_ and hashlib.sha256(content).hexdigest() == entry["sha256"])
+                  and entry["exit"] == exit_ and sha256_bytes(content) == entry["sha256"])
             feats = next(t for t in entry["outputs"] if t["name"] == "features")
             feature_spec(entry)
         except (KeyError, TypeError, StopIteration) as e:
@@ -207,7 +207,7 @@ class DeviceRuntime:
             buf = Path(path).read_bytes()
         except OSError as e:
             raise TfbitmetaError(f"cannot read front end {path}: {e.strerror}") from None
-        if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+        if sha256_bytes(buf) != entry["sha256"]:
             raise TfbitmetaError(f"{path} fails its sha256 check against the manifest: refusing to load it")
         try:
             return tf.lite.Interpreter(model_content=buf, num_threads=1).get_signature_runner(entry["signature"])

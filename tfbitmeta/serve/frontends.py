@@ -9,7 +9,6 @@ again on request).  Worker processes share the cache: a file lock serialises con
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.digest import sha256_file
 from tfbitmeta.quant.bitwidth import bit_name, config_name, parse_bit
 from tfbitmeta.serve.errors import ApiError
 
@@ -56,7 +56,7 @@ def verified_manifest(folder: Path) -> dict | None:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         for f in manifest["files"]:
-            if hashlib.sha256((folder / f["path"]).read_bytes()).hexdigest() != f["sha256"]:
+            if sha256_file(folder / f["path"]) != f["sha256"]:
                 return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):

@@ -1,7 +1,6 @@
 """The backends the server runs: TFLite files from a manifest, checked against their sha256 before loading."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.digest import sha256_bytes
 from tfbitmeta.serve.payload import FeatureSpec
 
 log = logging.getLogger("tfbitmeta.serve")
@@ -54,7 +54,7 @@ class Backend:
         import tensorflow as tf
 
         buf = Path(path).read_bytes()
-        if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+        if sha256_bytes(buf) != entry["sha256"]:
             raise TfbitmetaError(f"{path}: sha256 differs from the manifest (file changed after export?)")
         self.name, self.path, self.entry, self.spec, self.max_batch = name, Path(path), entry, spec, max_batch
         self.output = entry["outputs"][0]["name"]
