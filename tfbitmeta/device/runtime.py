@@ -59,11 +59,7 @@ class Answer:
 def feature_spec(entry: dict) -> FeatureSpec:
     """What the server expects for a front end's features (its quantization, if any)."""
     t = next(t for t in entry["outputs"] if t["name"] == "features")
-    q = t["quantization"]
-    a = entry["bits"]["a"]
-    return FeatureSpec(name="features", shape=tuple(t["shape"][1:]), signature=entry["signature"],
-                       scale=q and q["scale"], zero_point=q and q["zero_point"], qdtype=q and q["dtype"],
-                       code_bits=a if q and a < 8 else None)
+    return FeatureSpec.of("features", tuple(t["shape"][1:]), entry["signature"], t["quantization"], entry["bits"]["a"])
 
 
 def backend_name(entry: dict) -> str:

@@ -41,10 +41,8 @@ def feature_spec(manifest: dict, backend: dict) -> FeatureSpec:
     if len(quants) > 1:
         raise TfbitmetaError(f"front ends naming backend {name!r} quantize their features differently: {sorted(quants)}")
     quant = json.loads(quants.pop()) if quants else None
-    a = backend["bits"]["a"]
-    return FeatureSpec(name=inp["name"], shape=tuple(int(d) for d in inp["shape"][1:]), signature=backend["signature"],
-                       scale=quant and quant["scale"], zero_point=quant and quant["zero_point"],
-                       qdtype=quant and quant["dtype"], code_bits=a if quant and a < 8 else None)
+    return FeatureSpec.of(inp["name"], tuple(int(d) for d in inp["shape"][1:]), backend["signature"], quant,
+                          backend["bits"]["a"])
 
 
 class Backend:
