@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from conftest import free_port
 
 from tfbitmeta.cli import main
+from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.federated import algorithms, partition
 from tfbitmeta.federated.simulation import SimConfig, Simulation, evaluate_predictions
+from tfbitmeta.quant.bitwidth import FP
 
 SMALL = dict(dataset="digits", clients=3, classes_per_client=3, local_steps=2, batch_size=16, seed=0)
 
@@ -368,6 +370,13 @@ def test_evaluate_dispatches_on_the_run_kind(sfl_run):
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert len(res["clients"]) == 3 and 0.0 <= res["mean"]["p1"]["accuracy"] <= 1.0
+
+
+def test_client_bits_parse_with_the_one_parser():
+    assert SimConfig(bits="8,2,fp,2").bit_list() == [8, 2, FP]  # order kept: bitwidths go round-robin
+    assert SimConfig(bits="all").bit_list() == [1, 2, 3, 4, 5, 6, 7, 8, FP]
+    with pytest.raises(TfbitmetaError, match="client bitwidths must come from 1-8 and fp"):
+        SimConfig(bits="4,16").bit_list()
 
 
 @pytest.mark.parametrize("args,message", [

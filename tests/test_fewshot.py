@@ -215,6 +215,7 @@ def test_task_sampling_per_method():
     with pytest.raises(TfbitmetaError, match="one bitwidth"):
         parse_train_bits("protonet", "2,4")
     assert parse_train_bits("mebqat-proto", "all") == (2, 3, 4, 5, 6, 7, 8, 16, FP)
+    assert parse_train_bits("mebqat-proto", "8, fp,2,8") == (2, 8, FP)
 
 
 # -- meta-learning lowers the query loss ------------------------------------------------------------------

@@ -37,11 +37,12 @@ from tfbitmeta.federated.process import LocalProcess, TffProcess
 from tfbitmeta.federated.server import ServerWork
 from tfbitmeta.federated.space import ModelSpace
 from tfbitmeta.models import build, min_input_size
-from tfbitmeta.quant.bitwidth import FP, BitSpace, parse_bit
+from tfbitmeta.quant.bitwidth import FP, BitSpace, parse_bits
 from tfbitmeta.quant.calibration import calibrate_batchnorm
 from tfbitmeta.runs import RUN_VERSION, RunDir, check_writable, restore_weights, save_weights
 
 OOD_FRACTIONS = (0.0, 0.5, 1.0)
+CLIENT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP)  # what a client's front end can run at
 IMAGE_SIZE = 28  # inputs smaller than the model families need are resized to this
 
 
@@ -88,11 +89,10 @@ class SimConfig:
         self.bit_list()
 
     def bit_list(self) -> list[int]:
-        bits = [parse_bit(t) for t in self.bits.split(",") if t.strip()]
-        bad = [b for b in bits if not (1 <= b <= 8 or b == FP)]
-        if bad or not bits:
+        bits = parse_bits(self.bits, all_bits=CLIENT_BITS, keep_order=True)  # 'all': every client bitwidth
+        if any(b not in CLIENT_BITS for b in bits):
             raise TfbitmetaError(f"bits {self.bits!r}: client bitwidths must come from 1-8 and fp", param="bits")
-        return list(dict.fromkeys(bits))
+        return list(bits)
 
     def algorithm_object(self) -> algorithms.Algorithm:
         return algorithms.get(self.algorithm, contrastive=self.contrastive_weight, temperature=self.temperature) \
