@@ -132,6 +132,6 @@ def sfl_models(sfl_run, tmp_path_factory):
     models = tmp_path_factory.mktemp("sfl_models")
     r = CliRunner().invoke(main, ["convert", str(sfl_run[0]), "--out", str(models), "--verify", "--bits", "all",
                                   "--verify-images", "200", "--no-latency"])
-    # every file is written and verified; the exit code is 1 when a file is that fails verification (reported)
+    # every file is written and verified; the exit code is 1 when a file fails verification (reported)
     assert r.exit_code == 0 or "verification failed" in r.output, r.output
     return models, json.loads((models / "manifest.json").read_text())

@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from conftest import free_port
 
 from tfbitmeta.cli import main
+from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.federated import algorithms, partition
 from tfbitmeta.federated.simulation import SimConfig, Simulation, evaluate_predictions
+from tfbitmeta.quant.bitwidth import FP
 
 SMALL = dict(dataset="digits", clients=3, classes_per_client=3, local_steps=2, batch_size=16, seed=0)
 
@@ -370,12 +372,20 @@ def test_evaluate_dispatches_on_the_run_kind(sfl_run):
     assert len(res["clients"]) == 3 and 0.0 <= res["mean"]["p1"]["accuracy"] <= 1.0
 
 
+def test_client_bits_parse_with_the_one_parser():
+    assert SimConfig(bits="8,2,fp,2").bit_list() == [8, 2, FP]  # order kept: bitwidths go round-robin
+    assert SimConfig(bits="all").bit_list() == [1, 2, 3, 4, 5, 6, 7, 8, FP]
+    with pytest.raises(TfbitmetaError, match="client bitwidths must come from 1-8 and fp"):
+        SimConfig(bits="4,16").bit_list()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--algorithm", "fedprox"], "Invalid value for '--algorithm'"),
     (["--classes-per-client", "11"], "the dataset has 10 classes"),
     (["--bits", "2,16"], "client bitwidths must come from 1-8 and fp"),
     (["--bits", "9"], "bitwidth"),
     (["--architectures", "resnet"], "unknown architecture 'resnet'"),
+    (["--dirichlet=-1"], "Dirichlet alpha must be > 0 (got -1.0) (--dirichlet)"),  # the CLI names the flag
 ])
 def test_simulate_bad_input(tmp_path, args, message):
     r = CliRunner().invoke(main, ["simulate", "--dataset", "digits", "--clients", "2", "--rounds", "1",

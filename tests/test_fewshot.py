@@ -127,6 +127,7 @@ def test_cli_missing_data_dir_is_one_line_error(tmp_path):
     r = CliRunner().invoke(main, ["train", "--method", "mebqat-proto", "--dataset", "omniglot", "--data-dir",
                                   str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 1 and "Error: Omniglot folder" in r.output and "Traceback" not in r.output
+    assert "(--data-dir)" in r.output  # the library names data_dir; the CLI adds the flag
     r = CliRunner().invoke(main, ["train", "--method", "protonet", "--bits", "4", "--dataset", "digits",
                                   "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 1 and "run on --dataset omniglot" in r.output
@@ -214,6 +215,7 @@ def test_task_sampling_per_method():
     with pytest.raises(TfbitmetaError, match="one bitwidth"):
         parse_train_bits("protonet", "2,4")
     assert parse_train_bits("mebqat-proto", "all") == (2, 3, 4, 5, 6, 7, 8, 16, FP)
+    assert parse_train_bits("mebqat-proto", "8, fp,2,8") == (2, 8, FP)
 
 
 # -- meta-learning lowers the query loss ------------------------------------------------------------------

@@ -286,7 +286,8 @@ def test_token_rule(exported, features4, spec4):
         ServeConfig(models=exported[0], host="0.0.0.0").check_security()
     ServeConfig(models=exported[0], host="0.0.0.0", token="x" * 32).check_security()
     r = CliRunner().invoke(main, ["serve", "--models", str(exported[0]), "--host", "0.0.0.0"], env={"TFBITMETA_TOKEN": ""})
-    assert r.exit_code == 1 and "set a bearer token" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "set a bearer token" in r.output and "(--token)" in r.output
+    assert "Traceback" not in r.output
     r = CliRunner().invoke(main, ["serve", "--models", str(exported[0]), "--host", "0.0.0.0", "--token", "short"])
     assert r.exit_code == 1 and "at least 16 characters" in r.output
     token = "t0ken-" + "k" * 20

@@ -71,7 +71,7 @@ def check_writable(out: Path) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise TfbitmetaError(f"cannot write to --out {out}: {e.strerror or e}") from None
+        raise TfbitmetaError(f"cannot write to {out}: {e.strerror or e}", param="out") from None
     return out
 
 
@@ -81,7 +81,7 @@ def open_training_run(out: Path, resume: bool) -> tuple["RunDir", dict | None]:
     meta = RunDir(out).read_meta() if resume else None
     run = RunDir(check_writable(out))
     if not resume and run.exists() and (run.path / "ckpt").exists():
-        raise TfbitmetaError(f"{out} already holds a run: use --resume to continue it or choose another --out")
+        raise TfbitmetaError(f"{out} already holds a run: resume it or choose another output folder", param="resume")
     return run, meta
 
 
@@ -115,7 +115,7 @@ class RunDir:
 
     def read_meta(self) -> dict:
         if not self.path.exists():
-            raise TfbitmetaError(f"no run at {self.path}: train one with `tfbitmeta train --out {self.path}`")
+            raise TfbitmetaError(f"no run at {self.path}: train one there with `tfbitmeta train`", param="run")
         if not self.exists():
             raise TfbitmetaError(f"{self.path} is not a tfbitmeta run (no run.json)")
         try:

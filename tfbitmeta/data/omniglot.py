@@ -123,10 +123,10 @@ def _read_sources(root: Path, size: int | None = IMAGE_SIZE) -> tuple[dict, str]
 def _load_characters(root: str, size: int | None = IMAGE_SIZE):
     path = Path(root)
     if not path.exists():
-        raise TfbitmetaError(f"Omniglot folder {root} does not exist: pass --data-dir (the project's copy is "
-                             f"../shared/data/omniglot); {LAYOUT_HELP}")
+        raise TfbitmetaError(f"Omniglot folder {root} does not exist: point data_dir at it (the project's copy "
+                             f"is ../shared/data/omniglot); {LAYOUT_HELP}", param="data_dir")
     if not path.is_dir():
-        raise TfbitmetaError(f"--data-dir {root} is not a folder; {LAYOUT_HELP}")
+        raise TfbitmetaError(f"Omniglot folder {root} is not a folder; {LAYOUT_HELP}", param="data_dir")
     chars, source = _read_sources(path, size)
     if not chars:
         raise TfbitmetaError(f"no Omniglot images found in {root}: {LAYOUT_HELP}")

@@ -2,7 +2,6 @@
 and ``DEST/samples/`` (test images from the run as PNG at the model's input size, ``<i>_label<y>.png``)."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.digest import sha256_bytes
 
 
 def copy_assets(models: Path, dest: Path, run: Path | None = None, samples: int = 8) -> dict:
@@ -32,7 +32,7 @@ def copy_assets(models: Path, dest: Path, run: Path | None = None, samples: int 
             data = (models / f["path"]).read_bytes()
         except OSError as e:
             raise TfbitmetaError(f"cannot read front end {models / f['path']}: {e.strerror}") from None
-        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+        if sha256_bytes(data) != f["sha256"]:
             raise TfbitmetaError(f"{models / f['path']} fails its sha256 check against the manifest")
         (out / f["path"]).write_bytes(data)
     written = []

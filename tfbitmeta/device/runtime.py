@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import orjson
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.digest import sha256_bytes
 from tfbitmeta.quant.bitwidth import Config, bit_name, config_name
 from tfbitmeta.serve.payload import FeatureSpec, encode_request
 
@@ -59,11 +59,7 @@ class Answer:
 def feature_spec(entry: dict) -> FeatureSpec:
     """What the server expects for a front end's features (its quantization, if any)."""
     t = next(t for t in entry["outputs"] if t["name"] == "features")
-    q = t["quantization"]
-    a = entry["bits"]["a"]
-    return FeatureSpec(name="features", shape=tuple(t["shape"][1:]), signature=entry["signature"],
-                       scale=q and q["scale"], zero_point=q and q["zero_point"], qdtype=q and q["dtype"],
-                       code_bits=a if q and a < 8 else None)
+    return FeatureSpec.of("features", tuple(t["shape"][1:]), entry["signature"], t["quantization"], entry["bits"]["a"])
 
 
 def backend_name(entry: dict) -> str:
@@ -94,7 +90,8 @@ class DeviceRuntime:
         fronts = [f for f in self.manifest["files"] if f["kind"] == "front_end"]
         clients = sorted({f["client"] for f in fronts if "client" in f})
         if client is None and len(clients) > 1:
-            raise TfbitmetaError(f"{self.models} holds the front ends of clients {clients}: pass --client K")
+            raise TfbitmetaError(f"{self.models} holds the front ends of clients {clients}: say which client's "
+                                 "front end to run", param="client")
         if client is not None:
             if client not in clients:
                 raise TfbitmetaError(f"no front end of client {client} in {self.models}"
@@ -112,7 +109,7 @@ class DeviceRuntime:
             if client is not None:
                 have = ", ".join(sorted({f["bits"]["name"] for f in fronts}))
                 raise TfbitmetaError(f"client {client} has no front end for {config_name(bits)} in {self.models} "
-                                     f"(have {have}; export more with `tfbitmeta convert RUN --bits all`)")
+                                     f"(have {have}; export every bitwidth with `tfbitmeta convert`)", param="bits")
             return self.fetch(bits, exit_ if exit_ is not None else self.manifest["model"]["exits"][-1])
         if memory_budget is not None:
             fitting = [f for f in fronts if f["bytes"] <= memory_budget]
@@ -141,7 +138,7 @@ class DeviceRuntime:
         have = ", ".join(sorted({config_name((f["bits"]["w"], f["bits"]["a"])) for f in self.fronts()}))
         if not self.server:
             raise TfbitmetaError(f"no front end for {config_name(bits)} in {self.models} (have {have}); "
-                                 "pass --server to fetch one converted on demand")
+                                 "and no server to fetch one converted on demand", param="server")
         import httpx
 
         url = f"{self.server}/v1/frontends/{self.manifest['model']['family']}/{name}/exit{exit_}"
@@ -156,7 +153,7 @@ class DeviceRuntime:
                                  f"unreachable: {e}") from None
         except ValueError as e:
             raise TfbitmetaError(f"unusable answer from {url}: {e}") from None
-        if not isinstance(entry, dict) or hashlib.sha256(content).hexdigest() != headers.get("x-sha256"):
+        if not isinstance(entry, dict) or sha256_bytes(content) != headers.get("x-sha256"):
             raise TfbitmetaError(f"front end fetched from {url}.tflite fails its sha256 check")
         self.validate_front_end(entry, content, bits, exit_)
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -173,7 +170,7 @@ class DeviceRuntime:
         what = f"front end {config_name(bits)} exit {exit_}"
         try:
             ok = (entry["kind"] == "front_end" and (entry["bits"]["w"], entry["bits"]["a"]) == tuple(bits)
-                  and entry["exit"] == exit_ and hashlib.sha256(content).hexdigest() == entry["sha256"])
+                  and entry["exit"] == exit_ and sha256_bytes(content) == entry["sha256"])
             feats = next(t for t in entry["outputs"] if t["name"] == "features")
             feature_spec(entry)
         except (KeyError, TypeError, StopIteration) as e:
@@ -206,7 +203,7 @@ class DeviceRuntime:
             buf = Path(path).read_bytes()
         except OSError as e:
             raise TfbitmetaError(f"cannot read front end {path}: {e.strerror}") from None
-        if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+        if sha256_bytes(buf) != entry["sha256"]:
             raise TfbitmetaError(f"{path} fails its sha256 check against the manifest: refusing to load it")
         try:
             return tf.lite.Interpreter(model_content=buf, num_threads=1).get_signature_runner(entry["signature"])

@@ -20,7 +20,8 @@ def shards(y: np.ndarray, num_clients: int, classes_per_client: int, seed: int) 
     clients, and a class's samples are split evenly among the clients that hold it."""
     classes = np.unique(y)
     if classes_per_client < 1 or classes_per_client > len(classes):
-        raise TfbitmetaError(f"--classes-per-client {classes_per_client}: the dataset has {len(classes)} classes")
+        raise TfbitmetaError(f"classes_per_client {classes_per_client}: the dataset has {len(classes)} classes",
+                             param="classes_per_client")
     rng = np.random.default_rng(seed)
     # deal classes round-robin from a shuffled cycle so class loads differ by at most one
     order = np.concatenate([rng.permutation(classes) for _ in range(2 * num_clients + 2)])
@@ -48,7 +49,7 @@ def dirichlet(y: np.ndarray, num_clients: int, alpha: float, seed: int, min_shar
     """Dirichlet(alpha) class proportions per client; a client's ID classes are those holding at least
     ``min_share`` of its samples."""
     if alpha <= 0:
-        raise TfbitmetaError(f"--dirichlet must be > 0 (got {alpha})")
+        raise TfbitmetaError(f"the Dirichlet alpha must be > 0 (got {alpha})", param="dirichlet")
     rng = np.random.default_rng(seed)
     train = [[] for _ in range(num_clients)]
     for c in np.unique(y):

@@ -181,7 +181,7 @@ def _set_remote_context(tff, workers: list[str], wait_seconds: float = 30.0):
     def factory(target):
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
-            raise TfbitmetaError(f"bad --workers entry {target!r}: use host:port")
+            raise TfbitmetaError(f"bad worker address {target!r}: use host:port", param="workers")
         stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(target))
         deadline = time.monotonic() + wait_seconds
         while not stub.is_ready:

@@ -37,11 +37,12 @@ from tfbitmeta.federated.process import LocalProcess, TffProcess
 from tfbitmeta.federated.server import ServerWork
 from tfbitmeta.federated.space import ModelSpace
 from tfbitmeta.models import build, min_input_size
-from tfbitmeta.quant.bitwidth import FP, BitSpace, parse_bit
+from tfbitmeta.quant.bitwidth import FP, BitSpace, parse_bits
 from tfbitmeta.quant.calibration import calibrate_batchnorm
 from tfbitmeta.runs import RUN_VERSION, RunDir, check_writable, restore_weights, save_weights
 
 OOD_FRACTIONS = (0.0, 0.5, 1.0)
+CLIENT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP)  # what a client's front end can run at
 IMAGE_SIZE = 28  # inputs smaller than the model families need are resized to this
 
 
@@ -76,23 +77,22 @@ class SimConfig:
         algorithms.get(self.algorithm)
         if self.engine not in ("tff", "tf"):
             raise TfbitmetaError(f"unknown engine {self.engine!r}: use tff or tf")
-        if self.clients < 1 or self.rounds < 1 or self.local_steps < 1:
-            raise TfbitmetaError("--clients, --rounds and --local-steps must be at least 1")
+        for name in ("clients", "rounds", "local_steps", "tasks"):
+            if getattr(self, name) < 1:
+                raise TfbitmetaError(f"{name} must be at least 1 (got {getattr(self, name)})", param=name)
         if self.batch_size < 2:
-            raise TfbitmetaError("--batch-size must be at least 2 (support and query halves)")
+            raise TfbitmetaError(f"batch_size must be at least 2 (support and query halves; got {self.batch_size})",
+                                 param="batch_size")
         if not 0.0 <= self.dropout < 1.0:
-            raise TfbitmetaError(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if self.tasks < 1:
-            raise TfbitmetaError("--tasks must be at least 1")
+            raise TfbitmetaError(f"dropout must be in [0, 1) (got {self.dropout})", param="dropout")
         parse_architectures(self.architectures)
         self.bit_list()
 
     def bit_list(self) -> list[int]:
-        bits = [parse_bit(t) for t in self.bits.split(",") if t.strip()]
-        bad = [b for b in bits if not (1 <= b <= 8 or b == FP)]
-        if bad or not bits:
-            raise TfbitmetaError(f"--bits {self.bits!r}: client bitwidths must come from 1-8 and fp")
-        return list(dict.fromkeys(bits))
+        bits = parse_bits(self.bits, all_bits=CLIENT_BITS, keep_order=True)  # 'all': every client bitwidth
+        if any(b not in CLIENT_BITS for b in bits):
+            raise TfbitmetaError(f"bits {self.bits!r}: client bitwidths must come from 1-8 and fp", param="bits")
+        return list(bits)
 
     def algorithm_object(self) -> algorithms.Algorithm:
         return algorithms.get(self.algorithm, contrastive=self.contrastive_weight, temperature=self.temperature) \
@@ -157,7 +157,8 @@ class Simulation:
         cfg, alg = self.cfg, self.alg
         idx = self.learners[k].train
         if len(idx) == 0:
-            raise TfbitmetaError(f"client {k} has no training data: use fewer --clients or another partition")
+            raise TfbitmetaError(f"client {k} has no training data: use fewer clients or another partition",
+                                 param="clients")
         steps = cfg.local_steps * (cfg.clients if alg.centralized else 1)  # same examples per round for everyone
         pick = self.rng.choice(idx, (steps, cfg.batch_size))
         bits = np.array(self.bit_choices)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import tensorflow as tf
 
+from tfbitmeta.errors import BadArgument
 from tfbitmeta.federated.architectures import FEATURE_CHANNELS, SERVER, Arch, model_config
 from tfbitmeta.models import BitModel, build
 from tfbitmeta.models.functional import bound, weights
@@ -59,7 +60,9 @@ class ModelSpace:
         self.feature_shape = tuple(int(d) for d in self.fronts[0].output["features"].shape[1:])
         for a, fe in zip(self.archs, self.fronts):
             got = tuple(fe.output["features"].shape[1:])
-            assert got == self.feature_shape, f"{a.name}: features {got} != {self.feature_shape}"
+            if got != self.feature_shape:  # every front end must hand the backend the same features
+                raise BadArgument(f"architecture {a.name} gives features of shape {got}, {self.archs[0].name} "
+                                  f"{self.feature_shape}: the clients' front ends must match", param="architectures")
         # the bank: per family, the widest member's trainable extractor weights
         self.widest = {}
         for i, a in enumerate(self.archs):

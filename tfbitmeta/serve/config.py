@@ -38,7 +38,8 @@ class ServeConfig:
         if self.token is not None and not self.token.strip():
             self.token = None
         if self.max_batch < 1 or self.max_queue < self.max_batch:
-            raise TfbitmetaError("--max-batch must be >= 1 and --max-queue >= --max-batch")
+            raise TfbitmetaError(f"max_batch must be >= 1 and max_queue >= max_batch (got max_batch={self.max_batch}, "
+                                 f"max_queue={self.max_queue})", param="max_batch")
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -47,7 +48,8 @@ class ServeConfig:
         """Refuse to start when the server can be reached from other machines without a token."""
         if self.token is None and not is_loopback(self.host):
             raise TfbitmetaError(f"binding to {self.host} exposes the server beyond this machine: set a bearer token "
-                                 "with --token or TFBITMETA_TOKEN (or bind to 127.0.0.1)")
+                                 "(token, or the TFBITMETA_TOKEN environment variable) or bind to 127.0.0.1",
+                                 param="token")
         if self.token is not None and len(self.token) < 16:
             raise TfbitmetaError("the bearer token must have at least 16 characters")
         if self.token is not None and not TOKEN_CHARS.fullmatch(self.token):

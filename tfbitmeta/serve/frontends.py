@@ -9,7 +9,6 @@ again on request).  Worker processes share the cache: a file lock serialises con
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.digest import sha256_file
 from tfbitmeta.quant.bitwidth import bit_name, config_name, parse_bit
 from tfbitmeta.serve.errors import ApiError
 
@@ -56,7 +56,7 @@ def verified_manifest(folder: Path) -> dict | None:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         for f in manifest["files"]:
-            if hashlib.sha256((folder / f["path"]).read_bytes()).hexdigest() != f["sha256"]:
+            if sha256_file(folder / f["path"]) != f["sha256"]:
                 return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
@@ -86,8 +86,9 @@ class FrontendCache:
             meta = RunDir(self.run).read_meta()
             kind = run_kind(meta)
             if kind != "mebqat":  # serve --run dispatches on the run's kind
-                raise TfbitmetaError(f"--run {self.run}: on-demand front ends are converted from MEBQAT checkpoints; "
-                                     f"this is a {kind} run: export it with `tfbitmeta convert` and serve --models")
+                raise TfbitmetaError(f"{self.run}: on-demand front ends are converted from MEBQAT checkpoints; this "
+                                     f"is a {kind} run: export it with `tfbitmeta convert` and serve the exported "
+                                     "models", param="run")
             self.family = meta["model"]["family"]
             self.candidates = RunDir(self.run).model_config().candidates
         self.clean()
@@ -124,7 +125,8 @@ class FrontendCache:
     def get(self, family: str, cfg: tuple[int, int], exit_: int) -> tuple[Path, dict, dict | None]:
         """(file, its manifest entry, the new manifest if this call converted) -- blocking; run in a thread."""
         if self.run is None:
-            raise ApiError(404, "no_checkpoint", "on-demand front ends need the checkpoint: start the server with --run RUN")
+            raise ApiError(404, "no_checkpoint", "on-demand front ends need the checkpoint: this server was "
+                           "started without a training run")
         if family != self.family:
             raise ApiError(404, "unknown_model", f"unknown model family {family[:40]!r}: this server has {self.family!r}")
         try:

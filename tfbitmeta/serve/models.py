@@ -1,7 +1,6 @@
 """The backends the server runs: TFLite files from a manifest, checked against their sha256 before loading."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.digest import sha256_bytes
 from tfbitmeta.serve.payload import FeatureSpec
 
 log = logging.getLogger("tfbitmeta.serve")
@@ -20,7 +20,8 @@ def read_manifest(folder: Path) -> dict:
 
     path = Path(folder) / "manifest.json"
     if not path.is_file():
-        raise TfbitmetaError(f"no manifest.json in {folder}: export models with `tfbitmeta convert RUN --out {folder}`")
+        raise TfbitmetaError(f"no manifest.json in {folder}: export models into it with `tfbitmeta convert`",
+                             param="models")
     try:
         manifest = json.loads(path.read_text())
         validate_manifest(manifest)
@@ -40,10 +41,8 @@ def feature_spec(manifest: dict, backend: dict) -> FeatureSpec:
     if len(quants) > 1:
         raise TfbitmetaError(f"front ends naming backend {name!r} quantize their features differently: {sorted(quants)}")
     quant = json.loads(quants.pop()) if quants else None
-    a = backend["bits"]["a"]
-    return FeatureSpec(name=inp["name"], shape=tuple(int(d) for d in inp["shape"][1:]), signature=backend["signature"],
-                       scale=quant and quant["scale"], zero_point=quant and quant["zero_point"],
-                       qdtype=quant and quant["dtype"], code_bits=a if quant and a < 8 else None)
+    return FeatureSpec.of(inp["name"], tuple(int(d) for d in inp["shape"][1:]), backend["signature"], quant,
+                          backend["bits"]["a"])
 
 
 class Backend:
@@ -53,7 +52,7 @@ class Backend:
         import tensorflow as tf
 
         buf = Path(path).read_bytes()
-        if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+        if sha256_bytes(buf) != entry["sha256"]:
             raise TfbitmetaError(f"{path}: sha256 differs from the manifest (file changed after export?)")
         self.name, self.path, self.entry, self.spec, self.max_batch = name, Path(path), entry, spec, max_batch
         self.output = entry["outputs"][0]["name"]

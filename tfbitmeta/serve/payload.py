@@ -42,6 +42,14 @@ class FeatureSpec:
     qdtype: str | None = None
     code_bits: int | None = None      # the front end's activation bits below 8: its codes fit in k bits
 
+    @classmethod
+    def of(cls, name: str, shape: tuple, signature: str, quantization: dict | None, a_bits: int) -> "FeatureSpec":
+        """The spec of features quantized as ``quantization`` (a manifest tensor's, None for float) by a front end
+        with ``a_bits``-bit activations -- the one rule the server and the device runtime share."""
+        q = quantization
+        return cls(name=name, shape=shape, signature=signature, scale=q and q["scale"],
+                   zero_point=q and q["zero_point"], qdtype=q and q["dtype"], code_bits=a_bits if q and a_bits < 8 else None)
+
 
 def bad(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, code, message)

@@ -24,7 +24,7 @@ from tfbitmeta.data.episodes import Setting
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.meta.fewshot.maml import FOMAML
 from tfbitmeta.meta.fewshot.protonet import ProtoNet
-from tfbitmeta.quant.bitwidth import FP, BitSpace, parse_bit
+from tfbitmeta.quant.bitwidth import FP, BitSpace, parse_bits
 
 FEWSHOT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, FP)
 """Per-tensor candidates of the few-shot experiments (no 1-bit): 73 valid (w, a) configurations."""
@@ -101,16 +101,12 @@ class FewShotConfig:
 def parse_train_bits(method: str, spec: str) -> tuple[int, ...]:
     if method not in METHODS:
         raise TfbitmetaError(f"unknown few-shot method {method!r}; choose from {', '.join(METHODS)}")
-    tokens = [t for t in spec.split(",") if t.strip()]
-    if len(tokens) == 1 and tokens[0].strip().lower() == "all":
-        bits = FEWSHOT_BITS
-    else:
-        bits = tuple(sorted({parse_bit(t) for t in tokens}))
+    bits = parse_bits(spec, all_bits=FEWSHOT_BITS)
     if method in ADAPTIVE_METHODS and len(bits) < 2:
-        raise TfbitmetaError(f"{method} adapts across bitwidths: give several candidates (default: all)")
+        raise TfbitmetaError(f"{method} adapts across bitwidths: give several candidates (default: all)", param="bits")
     if method not in ADAPTIVE_METHODS and len(bits) != 1:
         raise TfbitmetaError(f"{method} trains at one bitwidth: pass one value, e.g. 4 (QAT baseline) or fp "
-                             f"(vanilla)")
+                             f"(vanilla)", param="bits")
     return bits
 
 

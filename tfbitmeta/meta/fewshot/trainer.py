@@ -57,7 +57,7 @@ class FewShotTrainer:
         self.model = bm.keras
         self.total_steps = tcfg.steps if tcfg.steps else tcfg.epochs * fcfg.steps_per_epoch
         if self.total_steps <= 0:
-            raise TfbitmetaError("nothing to train: --epochs and --steps must be positive")
+            raise TfbitmetaError("nothing to train: epochs and steps must be positive", param="steps")
         lr = tcfg.lr
         if fcfg.lr_decay == "cosine":
             lr = tf.keras.optimizers.schedules.CosineDecay(tcfg.lr, self.total_steps)
