@@ -216,11 +216,11 @@ def backend_model_name(path: str) -> str:
 
 
 def export_part(bm: BitModel, cfg: Config, kind: str, split: int, norm, path: Path, representative: np.ndarray,
-                float16: bool = False, int4: bool = True, measure_latency: bool = True) -> tuple[dict, "Part"]:
+                float16: bool = False, int4: bool = True, measure_latency: bool = True) -> tuple[dict, "Part", bytes]:
     """Convert one part of ``bm`` (``kind`` front_end or backend, cut at ``split``) at configuration ``cfg`` to
     ``path`` with the export graph (full-integer for integer configurations, float32 weights on the k-bit grid for
-    weight-only ones such as w2afp, float for fp) and return its manifest entry and the part (whose ``graph`` the
-    verification checks the file's kernels against).  Call it inside ``aligned_biases(bm.keras, cfg, norm,
+    weight-only ones such as w2afp, float for fp) and return its manifest entry, the part (whose ``graph`` the
+    verification checks the file's kernels against) and the file's bytes.  Call it inside ``aligned_biases(bm.keras, cfg, norm,
     int4)``, as the Keras reference of ``--verify`` is that model."""
     kind_of_cfg = config_kind(cfg)
     quantized = kind_of_cfg == "integer"
@@ -246,7 +246,7 @@ def export_part(bm: BitModel, cfg: Config, kind: str, split: int, norm, path: Pa
         entry["weight_grid_bits"] = int(cfg[0])
     if measure_latency:
         entry["latency_ms"] = {f"{t}_threads": round(latency_ms(path, t), 4) for t in (1, 2)}
-    return entry, part
+    return entry, part, buf
 
 
 def manifest_input(norm, input_shape) -> dict:
@@ -316,10 +316,9 @@ def export(run_path: Path, bits: str, exits: str, out: Path, verify: bool = True
                     for kind in ("front_end", "backend"):
                         fname = f"front_{name}_exit{split}.tflite" if kind == "front_end" else back
                         progress(f"converting {fname}")
-                        entry, part = export_part(bm, cfg, kind, split, norm, tmp / fname,
-                                                  rep_pixels if kind == "front_end" else feats_rep, float16, int4,
-                                                  measure_latency)
-                        buf = (tmp / fname).read_bytes()
+                        entry, part, buf = export_part(bm, cfg, kind, split, norm, tmp / fname,
+                                                       rep_pixels if kind == "front_end" else feats_rep, float16,
+                                                       int4, measure_latency)
                         entry["exit_threshold"] = None
                         if kind == "front_end":
                             entry["backend"] = backend_model_name(back)

@@ -56,24 +56,24 @@ def export_federated(run_path: Path, out: Path, bits: str = "own", verify: bool 
                 name = config_name(cfg)
                 fname, bname = f"client{k}_{name}.tflite", f"server_{name}.tflite"
                 with aligned_biases(bm.keras, cfg, norm, int4):
-                    entry, part = export_part(bm, cfg, "front_end", split, norm, tmp / fname, rep_pixels, int4=int4,
-                                              measure_latency=measure_latency)
+                    entry, part, buf = export_part(bm, cfg, "front_end", split, norm, tmp / fname, rep_pixels,
+                                                   int4=int4, measure_latency=measure_latency)
                     entry.update(client=k, architecture=c["architecture"], backend=backend_model_name(bname),
                                  exit_threshold=float(meta["threshold"]), id_classes=c["id_classes"])
                     feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
                     ref_server = server_keras([feats, bits_tensor((FP, FP), len(feats))], training=False)
                     if verify:
-                        entry["verify"] = verify_front((tmp / fname).read_bytes(), part.graph, pt,
+                        entry["verify"] = verify_front(buf, part.graph, pt,
                                                        bm.keras([xt, bits_tensor(cfg, len(xt))],
                                                                 training=False)[f"exit{split}"], yt)
                 if bname not in backends:
                     progress(f"converting {bname}")
-                    backends[bname], server_part = export_part(server_bm, (FP, FP), "backend", server_split, norm,
-                                                               tmp / bname, feats, measure_latency=measure_latency)
+                    backends[bname], server_part, server_buf = export_part(
+                        server_bm, (FP, FP), "backend", server_split, norm, tmp / bname, feats,
+                        measure_latency=measure_latency)
                     backends[bname]["exit_threshold"] = None
                     if verify:
-                        backends[bname]["verify"] = verify_backend((tmp / bname).read_bytes(), server_part.graph, feats,
-                                                                  ref_server, yt)
+                        backends[bname]["verify"] = verify_backend(server_buf, server_part.graph, feats, ref_server, yt)
                 if verify:  # the deployed pair: the front-end file's features into the backend file
                     front_feats = run_tflite(tmp / fname, pt)["features"].astype(np.float32)
                     probs = run_tflite(tmp / bname, front_feats)["probs"]
