@@ -238,15 +238,15 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    from tfbitmeta.device.runtime import DeviceRuntime, backend_name, feature_spec
+    from tfbitmeta.device.runtime import DeviceRuntime, backend_name
     from tfbitmeta.export.convert import run_tflite
     from tfbitmeta.quant.bitwidth import parse_config
-    from tfbitmeta.serve.payload import encode_request, pack_codes, quantize
+    from tfbitmeta.serve.payload import FeatureSpec, encode_request, pack_codes, quantize
     from tensorflow_serving.apis import predict_pb2
 
     rt = DeviceRuntime(args.models)
     entry, front_path = rt.choose(parse_config(args.bits))
-    model, spec = backend_name(entry), feature_spec(entry)
+    model, spec = backend_name(entry), FeatureSpec.of_front_end(entry)
     pixels = np.random.default_rng(0).integers(0, 256, (args.max_batch, *rt.manifest["input"]["shape"][1:]))
     features = run_tflite(front_path, pixels.astype(np.float32))["features"]
     bodies = {"one": rt.request_bytes(entry, features[:1]), "64": encode_request(features, spec, packed=False)}

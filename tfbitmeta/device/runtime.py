@@ -56,12 +56,6 @@ class Answer:
         return self.decision != "early_exit"
 
 
-def feature_spec(entry: dict) -> FeatureSpec:
-    """What the server expects for a front end's features (its quantization, if any)."""
-    t = next(t for t in entry["outputs"] if t["name"] == "features")
-    return FeatureSpec.of("features", tuple(t["shape"][1:]), entry["signature"], t["quantization"], entry["bits"]["a"])
-
-
 def backend_name(entry: dict) -> str:
     """The server model that answers for this front end: the manifest entry's ``backend`` field."""
     try:
@@ -172,7 +166,7 @@ class DeviceRuntime:
             ok = (entry["kind"] == "front_end" and (entry["bits"]["w"], entry["bits"]["a"]) == tuple(bits)
                   and entry["exit"] == exit_ and sha256_bytes(content) == entry["sha256"])
             feats = next(t for t in entry["outputs"] if t["name"] == "features")
-            feature_spec(entry)
+            FeatureSpec.of_front_end(entry)
         except (KeyError, TypeError, StopIteration) as e:
             raise TfbitmetaError(f"{what}: malformed manifest entry ({type(e).__name__}: {e})") from None
         if not ok:
@@ -235,7 +229,7 @@ class DeviceRuntime:
         return answer
 
     def request_bytes(self, entry: dict, features: np.ndarray, packed: bool = True) -> bytes:
-        return encode_request(features, feature_spec(entry), packed)
+        return encode_request(features, FeatureSpec.of_front_end(entry), packed)
 
     def _fall_back(self, answer: Answer, entry: dict, features: np.ndarray) -> None:
         answer.decision = "offline"

@@ -1,6 +1,7 @@
 """The backends the server runs: TFLite files from a manifest, checked against their sha256 before loading."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -31,18 +32,17 @@ def read_manifest(folder: Path) -> dict:
 
 
 def feature_spec(manifest: dict, backend: dict) -> FeatureSpec:
-    """The backend's input, with the quantization of the ``features`` output of the front ends that name this
-    backend (their ``backend`` field); they must agree."""
+    """The backend's input as its front ends send it (``FeatureSpec.of_front_end`` of the front ends whose
+    ``backend`` field names it; they must agree), under the backend's own input name, shape and signature."""
     inp = backend["inputs"][0]
     name = Path(backend["path"]).stem
-    quants = {json.dumps(next((t["quantization"] for t in f["outputs"] if t["name"] == inp["name"]), None),
-                         sort_keys=True)
-              for f in manifest["files"] if f["kind"] == "front_end" and f.get("backend") == name}
-    if len(quants) > 1:
-        raise TfbitmetaError(f"front ends naming backend {name!r} quantize their features differently: {sorted(quants)}")
-    quant = json.loads(quants.pop()) if quants else None
-    return FeatureSpec.of(inp["name"], tuple(int(d) for d in inp["shape"][1:]), backend["signature"], quant,
-                          backend["bits"]["a"])
+    specs = {FeatureSpec.of_front_end(f) for f in manifest["files"]
+             if f["kind"] == "front_end" and f.get("backend") == name}
+    if len(specs) > 1:
+        raise TfbitmetaError(f"front ends naming backend {name!r} send different features: "
+                             f"{sorted(map(str, specs))}")
+    own = dict(name=inp["name"], shape=tuple(int(d) for d in inp["shape"][1:]), signature=backend["signature"])
+    return dataclasses.replace(specs.pop(), **own) if specs else FeatureSpec(**own)
 
 
 class Backend:

@@ -50,6 +50,14 @@ class FeatureSpec:
         return cls(name=name, shape=shape, signature=signature, scale=q and q["scale"],
                    zero_point=q and q["zero_point"], qdtype=q and q["dtype"], code_bits=a_bits if q and a_bits < 8 else None)
 
+    @classmethod
+    def of_front_end(cls, entry: dict) -> "FeatureSpec":
+        """What a front end (a manifest entry) sends the server: its ``features`` output, quantized as the manifest
+        says, at the entry's activation bits."""
+        t = next(t for t in entry["outputs"] if t["name"] == "features")
+        return cls.of("features", tuple(int(d) for d in t["shape"][1:]), entry["signature"], t["quantization"],
+                      entry["bits"]["a"])
+
 
 def bad(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, code, message)
