@@ -388,6 +388,8 @@ def test_client_bits_parse_with_the_one_parser():
     (["--bits", "9"], "bitwidth"),
     (["--architectures", "resnet"], "unknown architecture 'resnet'"),
     (["--dirichlet=-1"], "Dirichlet alpha must be > 0 (got -1.0) (--dirichlet)"),  # the CLI names the flag
+    (["--dirichlet", "0"], "Dirichlet alpha must be > 0 (got 0.0)"),  # 0 is an error, not 'class shards'
+    (["--dirichlet", "nan"], "Dirichlet alpha must be > 0 (got nan)"),
 ])
 def test_simulate_bad_input(tmp_path, args, message):
     r = CliRunner().invoke(main, ["simulate", "--dataset", "digits", "--clients", "2", "--rounds", "1",

@@ -87,26 +87,28 @@ class SplitGP(Algorithm):
 
 
 @dataclass(frozen=True)
-class FedAvg(Algorithm):
-    """One global model of the first architecture, no server."""
-    name: str = "fedavg"
+class Unsplit(Algorithm):
+    """The baselines without a server backend: each client trains its whole model on its own data (one bitwidth
+    per step, no inner adaptation, no contrastive term); subclasses say what is shared."""
     split: bool = False
     contrastive: float = 0.0
     sample: bool = False
     inner: bool = False
+
+
+@dataclass(frozen=True)
+class FedAvg(Unsplit):
+    """One global model of the first architecture, no server."""
+    name: str = "fedavg"
     lam_head: float = 0.0
     share_head: bool = True
     single_arch: bool = True
 
 
 @dataclass(frozen=True)
-class Local(Algorithm):
+class Local(Unsplit):
     """Local training only: no server, nothing shared."""
     name: str = "local"
-    split: bool = False
-    contrastive: float = 0.0
-    sample: bool = False
-    inner: bool = False
     lam_bank: float = 1.0
     share_bank: bool = False
 

@@ -80,6 +80,8 @@ class SimConfig:
         for name in ("clients", "rounds", "local_steps", "tasks"):
             if getattr(self, name) < 1:
                 raise TfbitmetaError(f"{name} must be at least 1 (got {getattr(self, name)})", param=name)
+        if self.dirichlet is not None and not self.dirichlet > 0:  # 0 must not fall back to class shards
+            raise TfbitmetaError(f"the Dirichlet alpha must be > 0 (got {self.dirichlet})", param="dirichlet")
         if self.batch_size < 2:
             raise TfbitmetaError(f"batch_size must be at least 2 (support and query halves; got {self.batch_size})",
                                  param="batch_size")
@@ -116,7 +118,7 @@ class Simulation:
         self.x_train = self.norm.apply(data.x_train).numpy()
         self.y_train = data.y_train.astype(np.int32)
         self.num_classes, self.class_names = data.num_classes, list(data.class_names)
-        if cfg.dirichlet:
+        if cfg.dirichlet is not None:
             self.parts = partition.dirichlet(self.y_train, cfg.clients, cfg.dirichlet, cfg.seed)
         else:
             self.parts = partition.shards(self.y_train, cfg.clients, cfg.classes_per_client, cfg.seed)
