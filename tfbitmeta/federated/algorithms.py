@@ -32,26 +32,29 @@ from tfbitmeta.errors import TfbitmetaError
 
 @dataclass(frozen=True)
 class Algorithm:
+    """The knobs every hybrid split-FL algorithm is a setting of (docs/federated.md): the subclasses below are
+    the published methods and ours, and the ablations are these fields changed (``algorithms.get(name, **kw)``)."""
     name: str = "harmony"
-    split: bool = True
-    labels_to_server: bool = False
-    contrastive: float = 0.5
-    temperature: float = 0.5
-    sample: bool = True
-    server_views: str = "sampled"
-    inner: bool = True
-    exit_weight: float = 1.0
-    server_weight: float = 1.0
-    lam_bank: float = 0.0
-    lam_head: float = 1.0
-    share_bank: bool = True
-    share_head: bool = False
-    single_arch: bool = False
-    centralized: bool = False
-    router: str = "max_softmax"
-    keep_local: float | None = None
-    finetune_head: bool = False
-    defer_own_classes: bool = False
+    split: bool = True                 # a server backend answers for the clients (False: whole models on clients)
+    labels_to_server: bool = False     # SplitGP's rule; ours keeps raw labels on the client
+    contrastive: float = 0.5           # weight of the server-side contrastive alignment of the clients' features
+    temperature: float = 0.5           # its softmax temperature
+    sample: bool = True                # the server also sees features at a sampled other bitwidth/width
+    server_views: str = "sampled"      # which views feed the server's CE: "sampled" or "both"
+    inner: bool = True                 # first-order MAML step of the exit head on the support half
+    exit_weight: float = 1.0           # loss weight of the early exit ...
+    server_weight: float = 1.0         # ... and of the server's answer in the client step
+    lam_bank: float = 0.0              # lambda of the personal/shared mix: 0 = take the shared extractor bank
+    lam_head: float = 1.0              # the same for the exit head (1 = keep the personal one)
+    share_bank: bool = True            # the extractor bank is averaged across clients (HeteroFL slices)
+    share_head: bool = False           # the exit head is averaged too
+    single_arch: bool = False          # every client runs architecture 0 (FedAvg, centralized)
+    centralized: bool = False          # one learner with the pooled data: the upper bound
+    router: str = "max_softmax"        # the rule that decides "unsure -> ask the server" (federated/routing.py)
+    keep_local: float | None = None    # target fraction of ID images answered on the device, calibrated on validation
+    finetune_head: bool = False        # fine-tune a personal exit head at deployment
+    defer_own_classes: bool = False    # an offloaded image the server puts in one of the client's own classes
+    #                                    gets the exit head's answer instead (routing.answer)
 
     def to_dict(self) -> dict:
         return {"class": type(self).__name__, **asdict(self)}
@@ -71,14 +74,20 @@ class Harmony(Algorithm):
 
 
 @dataclass(frozen=True)
-class SplitGP(Algorithm):
-    """SplitGP: labels sent to the server, gamma-weighted exit / server losses, lambda-mix of extractor and head."""
-    name: str = "splitgp"
+class LabelledServer(Algorithm):
+    """The baselines whose server backend learns from the clients' labels (the labels leave the client): both
+    views feed the server's cross-entropy, without contrastive alignment, bitwidth sampling or inner steps."""
     labels_to_server: bool = True
     contrastive: float = 0.0
     sample: bool = False
     server_views: str = "both"
     inner: bool = False
+
+
+@dataclass(frozen=True)
+class SplitGP(LabelledServer):
+    """SplitGP: labels sent to the server, gamma-weighted exit / server losses, lambda-mix of extractor and head."""
+    name: str = "splitgp"
     exit_weight: float = 0.5
     server_weight: float = 0.5
     lam_bank: float = 0.2
@@ -98,7 +107,8 @@ class Unsplit(Algorithm):
 
 @dataclass(frozen=True)
 class FedAvg(Unsplit):
-    """One global model of the first architecture, no server."""
+    """FedAvg (McMahan et al., 2017): every client trains one global model of the first architecture, which the
+    server averages each round; no split, no backend, so the heads are shared too."""
     name: str = "fedavg"
     lam_head: float = 0.0
     share_head: bool = True
@@ -107,22 +117,21 @@ class FedAvg(Unsplit):
 
 @dataclass(frozen=True)
 class Local(Unsplit):
-    """Local training only: no server, nothing shared."""
+    """The local-only baseline: each client keeps its own front end and exit head and never communicates.
+
+    Its exit head answers every image, so on out-of-distribution classes it can only be wrong: the floor that any
+    hybrid algorithm must beat on with-OOD accuracy and the ceiling it should approach on in-distribution classes.
+    """
     name: str = "local"
     lam_bank: float = 1.0
     share_bank: bool = False
 
 
 @dataclass(frozen=True)
-class Centralized(Algorithm):
+class Centralized(LabelledServer):
     """The upper bound: one learner with the pooled data, the first architecture at sampled bitwidths, the server
     backend trained with labels."""
     name: str = "centralized"
-    labels_to_server: bool = True
-    contrastive: float = 0.0
-    sample: bool = False
-    server_views: str = "both"
-    inner: bool = False
     share_bank: bool = False
     single_arch: bool = True
     centralized: bool = True
