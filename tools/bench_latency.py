@@ -63,10 +63,18 @@ def latency(path: Path, threads: int, mode: str, runs: int) -> tuple[float, bool
     return ms, delegated
 
 
+def _say(msg: str) -> None:
+    """Progress on stderr, with the process's peak memory so far (a big model's emulation is memory-hungry)."""
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"[{time.strftime('%H:%M:%S')} peak {peak:.1f} GB] {msg}", file=sys.stderr, flush=True)
+
+
 def untrained_run(out: Path, family: str, width: float, dataset: str, bits: str) -> None:
     """A run directory with freshly initialized weights and BN statistics calibrated on training images: latency
     does not depend on the weight values, and training MobileNetV2 on 2 shared cores does not fit the budget."""
-    from tfbitmeta.cli import parse_bits
+    from tfbitmeta.quant.bitwidth import parse_bits
     from tfbitmeta.meta.loop import calibration_images
     from tfbitmeta.runs import save_weights
     from tfbitmeta.meta.train import ModelOptions, prepare
@@ -95,10 +103,12 @@ def main():
     args = ap.parse_args()
 
     if args.untrained:
+        _say(f"creating an untrained {args.untrained} width {args.width:g} run in {args.run}")
         untrained_run(Path(args.run), args.untrained, args.width, args.dataset, args.bits)
     run = RunDir(Path(args.run))
     meta = run.read_meta()
     model = f"{meta['model']['family']}_w{meta['model']['width']:g}"
+    _say(f"exporting {model} at {args.bits}")
     manifest = export(Path(args.run), args.bits, "all", Path(args.out_models), verify=False, measure_latency=False,
                       progress=lambda m: None)
     models = Path(args.out_models)
@@ -107,6 +117,7 @@ def main():
     px = norm.pixels(data.x_test[:args.reference_images]).numpy()
     rows = []
     for f in manifest["files"]:
+        _say(f"timing {f['path']}")
         row = {"file": f["path"], "kind": f["kind"], "bits": f["bits"]["name"], "split": f["split"],
                "weights": f["weights"], "bytes": f["bytes"]}
         for mode in ("signature", "xnnpack"):
@@ -121,6 +132,7 @@ def main():
     for f in manifest["files"]:
         if f["kind"] != "front_end" or f["bits"]["name"] == "fp":
             continue
+        _say(f"integer reference on {f['path']} ({len(px)} images)")
         front = (models / f["path"]).read_bytes()
         back = (models / f"backend_{f['bits']['name']}_split{f['split']}.tflite").read_bytes()
         fr = emulate.compare(front, {"image": px})
