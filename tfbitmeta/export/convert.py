@@ -83,7 +83,9 @@ class Part(tf.Module):
             def serve(f):
                 out = self.graph.evaluate({"logits": bm.keras.output["logits"]}, {id(feats_kt): f})
                 return {"probs": tf.nn.softmax(out["logits"])}
-        self.serve = tf.function(serve, input_signature=[spec])
+        # no autograph: the graph walk is plain Python over layers (no tensor control flow), and autograph's frames
+        # per call overflow the recursion limit on deep models (MobileNetV2 at width 1)
+        self.serve = tf.function(serve, input_signature=[spec], autograph=False)
 
 
 def convert_part(part: Part, representative: np.ndarray, quantized: bool, float16: bool = False) -> bytes:

@@ -44,7 +44,7 @@ class EmbeddingPart(tf.Module):
             x = tf.quantization.fake_quant_with_min_max_args(pixels, min=0.0, max=255.0, num_bits=8)
             return {"embedding": self.graph.evaluate({"e": bm.keras.output["logits"]}, {id(image): x})["e"]}
 
-        self.serve = tf.function(serve, input_signature=[spec])
+        self.serve = tf.function(serve, input_signature=[spec], autograph=False)  # as convert.Part
 
 
 def _proto_acc(z, setting: Setting) -> tuple[np.ndarray, np.ndarray]:
