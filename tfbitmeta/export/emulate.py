@@ -54,15 +54,22 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
 
 
 def saturating_rounding_doubling_high_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """High 32 bits of 2*a*b, rounded to nearest (ties away from zero), as gemmlowp does it."""
+    """High 32 bits of 2*a*b, rounded to nearest (ties away from zero), as gemmlowp does it.
+
+    Branch-free int64 arithmetic (in place: the arrays are whole feature maps): ``x >> 63`` is -1 for negative x
+    and 0 otherwise, which selects the negative nudge and turns the floor of ``>>`` into C++'s truncation."""
     a = np.asarray(a, np.int64)
     b = np.asarray(b, np.int64)
-    ab = a * b
-    nudge = np.where(ab >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))
-    t = ab + nudge
-    high = np.where(t >= 0, t >> 31, -((-t) >> 31))  # C++ division truncates toward zero
+    t = a * b
+    sign = t >> 63
+    t += 1 << 30
+    t += sign & (1 - (1 << 31))               # nudge: 2^30 for ab >= 0, 1 - 2^30 otherwise
+    t += (t >> 63) & ((1 << 31) - 1)          # truncate toward zero, not floor
+    t >>= 31
     overflow = (a == -(1 << 31)) & (b == -(1 << 31))
-    return np.where(overflow, np.int64((1 << 31) - 1), high)
+    if overflow.any():
+        t[np.broadcast_to(overflow, t.shape)] = (1 << 31) - 1
+    return t
 
 
 def rounding_divide_by_pot(x: np.ndarray, exponent) -> np.ndarray:
@@ -70,9 +77,9 @@ def rounding_divide_by_pot(x: np.ndarray, exponent) -> np.ndarray:
     x = np.asarray(x, np.int64)
     exponent = np.asarray(exponent, np.int64)
     mask = (np.int64(1) << exponent) - 1
+    threshold = (mask >> 1) - (x >> 63)       # + 1 for negative x
     remainder = x & mask
-    threshold = (mask >> 1) + (x < 0).astype(np.int64)
-    return (x >> exponent) + (remainder > threshold).astype(np.int64)
+    return (x >> exponent) + (remainder > threshold)
 
 
 def multiply_by_quantized_multiplier(x: np.ndarray, multiplier, shift, ties_up: bool = False) -> np.ndarray:
@@ -83,11 +90,15 @@ def multiply_by_quantized_multiplier(x: np.ndarray, multiplier, shift, ties_up: 
     shift = np.asarray(shift, np.int64)
     left = np.maximum(shift, 0)
     right = np.maximum(-shift, 0)
-    x = np.asarray(x, np.int64) * (np.int64(1) << left)
+    x = np.asarray(x, np.int64)
+    if np.any(left):
+        x = x * (np.int64(1) << left)
     high = saturating_rounding_doubling_high_mul(x, multiplier)
     if ties_up:
         half = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), np.int64(0))
-        return (high + half) >> right
+        high += half
+        high >>= right
+        return high
     return rounding_divide_by_pot(high, right)
 
 
