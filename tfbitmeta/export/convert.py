@@ -423,8 +423,10 @@ def _deployed(bufs: dict, pixels: np.ndarray) -> dict:
 
 
 def _exit_policy(bufs: dict, pv: np.ndarray, yv: np.ndarray, max_loss: float) -> dict:
-    out = _deployed(bufs, pv)
-    source = out["source"]
+    """The recommended threshold, on validation images through the files themselves (every conversion does this,
+    so it takes the interpreter's speed; ``--verify`` checks the files against the integer reference)."""
+    out = deployed.interpreter_outputs(bufs["front_end"], bufs["backend"], pv)
+    source = "TFLite interpreter, one image per call"
     t = deployed.choose_threshold(out["exit_probs"], out["final_probs"], yv, max_loss)
     return {"threshold": t, "chosen_on": f"{len(pv)} validation images ({source})", "max_loss_pp": 100 * max_loss,
             "validation": deployed.exit_report(out["exit_probs"], out["final_probs"], yv, t)}

@@ -47,6 +47,14 @@ def deployed_outputs(front: bytes, backend: bytes, pixels: np.ndarray) -> dict:
     return {"exit_probs": f["exit_probs"], "final_probs": b["probs"]}
 
 
+def interpreter_outputs(front: bytes, backend: bytes, pixels: np.ndarray) -> dict:
+    """The same as :func:`deployed_outputs` through TFLite's own interpreter, one image per call (the device's
+    invocation; 20-40x faster than the emulation on a MobileNetV2, which ``--verify`` shows equal to it)."""
+    f = emulate.run_interpreter(front, {"image": pixels.astype(np.float32)}, batch=1)
+    b = emulate.run_interpreter(backend, {"features": f["features"].astype(np.float32)}, batch=1)
+    return {"exit_probs": f["exit_probs"], "final_probs": b["probs"]}
+
+
 def exit_or_continue(exit_probs: np.ndarray, final_probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, exited mask) of the policy "answer with the exit head when confident, else the full model"."""
     exited = exit_probs.max(-1) >= threshold
