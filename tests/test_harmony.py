@@ -87,7 +87,7 @@ def test_sampled_views_are_balanced_and_independent_of_the_client(sim):
 def test_harmony_components_are_parameters_and_deployment_ablations_train_the_same():
     h = AL.get("harmony")
     assert h.share_head and h.lam_head == 0.0 and not h.labels_to_server
-    assert (h.router, h.keep_local, h.finetune_head, h.defer_own_classes) == ("posterior", 0.95, True, True)
+    assert (h.router, h.keep_local, h.finetune_head, h.defer_own_classes) == ("mahalanobis", 0.95, True, True)
     for name in AL.DEPLOYMENT_ABLATIONS:
         a = AL.get(name)
         assert AL.same_training(a, h) and a != h, name

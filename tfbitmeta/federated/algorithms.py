@@ -63,11 +63,13 @@ class Algorithm:
 @dataclass(frozen=True)
 class Harmony(Algorithm):
     """Ours: shared extractor bank (HeteroFL) and shared exit head, server CE on sampled views, contrastive on both;
-    at deployment a personal head fine-tuned from the shared one, routing on the shared head's posterior mass on
-    the client's classes calibrated on its validation ID data, deferral to the exit head on the client's classes."""
+    at deployment a personal head fine-tuned from the shared one, routing on the Mahalanobis distance of the shared
+    features to the client's class means (AUROC 0.975 vs 0.534 for the shared head's posterior in the same
+    benchmark run, docs/harmony.md) calibrated on its validation ID data, deferral to the exit head on the
+    client's classes."""
     share_head: bool = True
     lam_head: float = 0.0
-    router: str = "posterior"
+    router: str = "mahalanobis"
     keep_local: float | None = 0.95
     finetune_head: bool = True
     defer_own_classes: bool = True
@@ -146,7 +148,7 @@ ALGORITHMS = {
     "harmony-personal-heads": Harmony(name="harmony-personal-heads", share_head=False, lam_head=1.0,
                                       router="mahalanobis", finetune_head=False, defer_own_classes=False),
     # one per new deployment component: the same training as "harmony"
-    "harmony-mahalanobis": Harmony(name="harmony-mahalanobis", router="mahalanobis"),
+    "harmony-posterior": Harmony(name="harmony-posterior", router="posterior"),
     "harmony-max-softmax": Harmony(name="harmony-max-softmax", router="max_softmax"),
     "harmony-no-finetune": Harmony(name="harmony-no-finetune", finetune_head=False),
     "harmony-no-defer": Harmony(name="harmony-no-defer", defer_own_classes=False),
@@ -166,7 +168,7 @@ def get(name: str, **overrides) -> Algorithm:
 
 
 DEPLOYMENT_FIELDS = ("name", "router", "keep_local", "finetune_head", "defer_own_classes")
-DEPLOYMENT_ABLATIONS = ("harmony-mahalanobis", "harmony-max-softmax", "harmony-no-finetune", "harmony-no-defer")
+DEPLOYMENT_ABLATIONS = ("harmony-posterior", "harmony-max-softmax", "harmony-no-finetune", "harmony-no-defer")
 
 
 def same_training(a: Algorithm, b: Algorithm) -> bool:

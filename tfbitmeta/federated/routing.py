@@ -158,7 +158,7 @@ class Router:
     ``keep_local`` is the target fraction of the client's own validation ID images answered locally; the threshold
     is fixed by :meth:`calibrate` from those images alone.  A fixed ``threshold`` (e.g. SplitGP's confidence 0.8 on
     ``max_softmax``) is the uncalibrated alternative."""
-    kind: str = "posterior"
+    kind: str = "mahalanobis"
     keep_local: float = 0.95
     threshold: float | None = None
 
