@@ -13,6 +13,8 @@ import java.io.OutputStream
 import java.net.InetAddress
 import java.net.ServerSocket
 import java.net.Socket
+import java.util.concurrent.CountDownLatch
+import java.util.concurrent.TimeUnit
 
 /**
  * The fallback client against servers that misbehave on purpose (a loopback [FakeServer] written here): trickling,
@@ -27,6 +29,8 @@ class HostileServerTest {
         val r = FallbackClient(server.url, "token-0123456789abcdef", timeoutMs).predict("backend_2_split3", body, 10)
         return r to (System.nanoTime() - t0) / 1e9
     }
+
+    private fun workers() = Thread.getAllStackTraces().keys.count { it.name == "tfbitmeta-fallback" && it.isAlive }
 
     private fun offline(r: ServerResult): String {
         assertInstanceOf(ServerResult.Offline::class.java, r, r.toString())
@@ -54,6 +58,13 @@ class HostileServerTest {
                         val reason = offline(r)
                         assertTrue("within 1.0 s" in reason, reason)
                         assertTrue(secs < 1.0 + 1.0, "OFFLINE after $secs s, deadline 1 s")
+                        // no worker thread of the client outlives the call by more than a read
+                        val end = System.nanoTime() + 3_000_000_000L
+                        while (workers() > 0 && System.nanoTime() < end) Thread.sleep(20)
+                        assertEquals(0, workers(), "fallback worker threads still running")
+                        // headers still arriving: disconnect() closes the socket (once the body is being read, the
+                        // JDK's HttpURLConnection hands the connection to its keep-alive cleaner instead)
+                        if (head == 0) assertTrue(s.hungUp.await(3, TimeUnit.SECONDS), "the connection is still open")
                         println("trickle ($what): OFFLINE after %.2f s: %s".format(secs, reason))
                     }
             }
@@ -154,6 +165,8 @@ class HostileServerTest {
 class FakeServer(private val answer: (OutputStream) -> Unit) : AutoCloseable {
     private val socket = ServerSocket(0, 8, InetAddress.getLoopbackAddress())
     val url = "http://127.0.0.1:${socket.localPort}"
+    /** Counted down when writing an answer fails because the client closed the connection. */
+    val hungUp = CountDownLatch(1)
 
     init {
         Thread {
@@ -171,7 +184,7 @@ class FakeServer(private val answer: (OutputStream) -> Unit) : AutoCloseable {
             it.getOutputStream().flush()
         }
     } catch (e: IOException) {
-        // the client hung up (as a deadline or a size cap makes it do)
+        hungUp.countDown()   // the client hung up (as a deadline or a size cap makes it do)
     } catch (e: InterruptedException) {
     }
 
