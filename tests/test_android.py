@@ -102,8 +102,9 @@ def test_kotlin_core_junit_against_golden_vectors_and_live_server(exported, gold
         print(f"\nandroid_demo core JUnit 5 tests: {summary[-1] if summary else 'no summary'}")
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     passed = int(summary[-1].split()[0])
-    # 12 golden cases x 4 per-case test factories (payload bytes, decisions, parsed responses, live server) + 16 others
-    assert passed >= 4 * len(golden[1]["cases"]) + 10, summary
+    # 12 golden cases x 7 per-case test factories (payload bytes packed and int8, packed bits, decisions, parsed
+    # responses, live server, live packed vs int8), one per packing vector, and 39 others (hostile servers, JSON, ...)
+    assert passed >= 7 * len(golden[1]["cases"]) + len(golden[1]["packing"]) + 30, summary
 
 
 def test_main_activity_under_robolectric(exported, tiny_run, golden, token_server, tmp_path, capsys):

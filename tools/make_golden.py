@@ -2,12 +2,15 @@
 
 For a few test images and several bitwidths writes, under ``--out``:
 * ``img_<i>.png`` -- the input image bytes (grayscale/RGB PNG at the model's input size, so no resize is involved);
-* ``req_<bits>_<i>.json`` / ``resp_<bits>_<i>.json`` -- the exact feature payload the device sends and the bytes a
-  real server (started here on a loopback port) answered;
+* ``req_<bits>_<i>.json`` / ``resp_<bits>_<i>.json`` -- the exact feature payload the device sends (a-bit codes
+  packed at a bits per value when a < 8, docs/serving.md) and the bytes a real server (started here on a loopback
+  port) answered; ``req_int8_<bits>_<i>.json`` -- the same features as plain int8 codes (the server must give the
+  same answer to both, checked here);
 * ``feat_<bits>_<i>.f32`` -- the front end's float32 ``features`` output (little-endian), from which a device
   runtime without TFLite (the Android demo's JVM tests) re-derives the request bytes;
 * ``golden.json`` -- per case: the front end used (and its sha256), the expected exit probabilities, the exit
-  threshold, the fallback decision, the server's probabilities and the final answer, with sha256 of every file.
+  threshold, the fallback decision, the server's probabilities and the final answer, with sha256 of every file;
+  ``packing``: codes and their packed bytes at every k in 1-8 from the server's packer.
 """
 from __future__ import annotations
 
@@ -79,13 +82,20 @@ def main(argv=None) -> dict:
                 x = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32).reshape(pixels[i].shape)
                 out = runner(image=x[None])
                 probs = out["exit_probs"][0]
-                req = rt.request_bytes(entry, out["features"], packed=False)  # the Android core sends int8 codes
-                resp = httpx.post(f"{url}/v1/models/{backend_name(entry)}:predict", content=req,
-                                  headers={"Content-Type": "application/json"})
+                # what both devices send (a-bit codes packed when a < 8) and the same features as plain int8 codes
+                req = rt.request_bytes(entry, out["features"])
+                req_int8 = rt.request_bytes(entry, out["features"], packed=False)
+                predict = f"{url}/v1/models/{backend_name(entry)}:predict"
+                resp, resp_int8 = (httpx.post(predict, content=r, headers={"Content-Type": "application/json"})
+                                   for r in (req, req_int8))
                 resp.raise_for_status()
+                resp_int8.raise_for_status()
                 server_probs = resp.json()["outputs"][0]
+                if resp_int8.json()["outputs"][0] != server_probs:
+                    raise SystemExit(f"packed and int8 requests of {entry['path']} got different answers")
                 name = entry["bits"]["name"]
                 (args.out / f"req_{name}_{i}.json").write_bytes(req)
+                (args.out / f"req_int8_{name}_{i}.json").write_bytes(req_int8)
                 (args.out / f"resp_{name}_{i}.json").write_bytes(resp.content)
                 feat = np.ascontiguousarray(out["features"], dtype="<f4").tobytes()
                 (args.out / f"feat_{name}_{i}.f32").write_bytes(feat)
@@ -99,6 +109,8 @@ def main(argv=None) -> dict:
                     "fallback_at_threshold": {str(t): bool(probs.max() < t) for t in (0.1, 0.3, 0.5, 0.9)},
                     "features": f"feat_{name}_{i}.f32", "features_sha256": sha256_bytes(feat),
                     "request": f"req_{name}_{i}.json", "request_sha256": sha256_bytes(req),
+                    "packed_bits": json.loads(req)["inputs"]["features"].get("bits"),
+                    "request_int8": f"req_int8_{name}_{i}.json", "request_int8_sha256": sha256_bytes(req_int8),
                     "response": f"resp_{name}_{i}.json", "response_sha256": sha256_bytes(resp.content),
                     "server_probs": server_probs, "server_label": int(np.argmax(server_probs)),
                     "final_label": int(np.argmax(server_probs)) if fallback else int(np.argmax(probs)),
@@ -112,7 +124,7 @@ def main(argv=None) -> dict:
                             "front_end": rt.choose(memory_budget=budget, client=args.client)[0]["path"]})
         except TfbitmetaError:
             choices.append({"memory_budget": budget, "front_end": None})
-    golden = {"format": "tfbitmeta-golden", "version": 1, "choices": choices,
+    golden = {"format": "tfbitmeta-golden", "version": 2, "packing": packing_vectors(), "choices": choices,
               "default_front_end": rt.choose(client=args.client)[0]["path"], "client": args.client,
               "manifest_sha256": sha256_bytes((args.models / "manifest.json").read_bytes()),
               "labels": rt.manifest["labels"], "tolerance": {"exit_probs": 1 / 256, "server_probs": 1 / 256},
@@ -121,6 +133,23 @@ def main(argv=None) -> dict:
     (args.out / "golden.json").write_text(json.dumps(golden, indent=1))
     print(f"wrote {len(cases)} cases to {args.out}")
     return golden
+
+
+def packing_vectors() -> list[dict]:
+    """Codes packed at every k in 1-8 by the server's own packer (serve.payload.pack_codes): the Kotlin packer must
+    produce the same bytes, also for the k and counts (not a multiple of 8 bits) the test models do not export."""
+    import base64
+
+    from tfbitmeta.serve.payload import pack_codes
+
+    rng = np.random.default_rng(16)
+    vectors = []
+    for k in range(1, 9):
+        for count in (1, 7, 13, 400):
+            codes = rng.integers(0, 1 << k, count)
+            vectors.append({"bits": k, "codes": [int(c) for c in codes],
+                            "b64": base64.b64encode(pack_codes(codes, k)).decode()})
+    return vectors
 
 
 if __name__ == "__main__":

@@ -10,22 +10,33 @@ import kotlin.math.round
  * `{"inputs":{"features":T},"signature_name":S}` with sorted keys and no spaces, where T is the front end's int8
  * tensor `{"b64","dtype","scale","shape","zero_point"}` when its features carry a quantization, else float32
  * little-endian `{"b64","dtype":"float32","shape"}`. The shape includes the batch dimension (1).
+ * A front end with a < 8 activation bits sends its codes `q - zero_point` packed at a bits per value instead
+ * (`"b64"` of [Packing.pack], plus `"bits": a`) when every code fits, as the Python device does ([packed] = false:
+ * always the plain int8 bytes). Format: docs/serving.md, "Packed k-bit codes".
  */
 object FeatureEncoder {
-    fun encodeRequest(features: FloatArray, front: FrontEnd): ByteArray {
+    fun encodeRequest(features: FloatArray, front: FrontEnd, packed: Boolean = true): ByteArray {
         require(features.size == front.featureCount) {
             "${features.size} features, but ${front.path} has ${front.featureCount}"
         }
         val shape = JsonArray((listOf(1) + front.featureShape).map { JsonNumber(it.toString()) })
         val q = front.featureQuantization
         val tensor = if (q != null) {
-            JsonObject(mapOf(
-                "b64" to JsonString(b64(quantize(features, q))),
+            val ints = quantize(features, q)
+            val fields = mutableMapOf(
+                "b64" to JsonString(b64(ints)),
                 "dtype" to JsonString(q.dtype),
                 "shape" to shape,
                 "scale" to q.scale,
                 "zero_point" to q.zeroPoint,
-            ))
+            )
+            val k = front.bitsA
+            val codes = codes(ints, q)
+            if (packed && k < 8 && codes.all { it in 0 until (1 shl k) }) {
+                fields["b64"] = JsonString(b64(Packing.pack(codes, k)))
+                fields["bits"] = JsonNumber(k.toString())
+            }
+            JsonObject(fields)
         } else {
             val buf = ByteBuffer.allocate(4 * features.size).order(ByteOrder.LITTLE_ENDIAN)
             features.forEach { buf.putFloat(it) }
@@ -53,7 +64,38 @@ object FeatureEncoder {
         }
     }
 
+    /** The integer tensor's values minus the zero point (a front end with a-bit activations: 0 .. 2^a - 1). */
+    private fun codes(ints: ByteArray, q: Quantization): IntArray {
+        val zp = q.zeroPoint.long.toInt()
+        val unsigned = q.dtype == "uint8"
+        return IntArray(ints.size) { (if (unsigned) ints[it].toInt() and 0xff else ints[it].toInt()) - zp }
+    }
+
     private fun b64(bytes: ByteArray): String = Base64.getEncoder().encodeToString(bytes)
+}
+
+/** k-bit codes on the wire: `tfbitmeta.serve.payload.pack_codes`, the one definition of the format. */
+object Packing {
+    /**
+     * [codes] (each in 0 until 2^[bits]) at [bits] bits per value: value i occupies stream bits i*k .. i*k + k - 1,
+     * stream bit j being bit j mod 8 (least significant first) of byte j / 8; the last byte is zero-padded.
+     */
+    fun pack(codes: IntArray, bits: Int): ByteArray {
+        require(bits in 1..8) { "bits must be 1-8, got $bits" }
+        val out = ByteArray((codes.size * bits + 7) / 8)
+        var pos = 0
+        for (c in codes) {
+            require(c in 0 until (1 shl bits)) { "code $c does not fit in $bits bits" }
+            for (b in 0 until bits) {
+                if ((c shr b) and 1 == 1) {
+                    val j = pos + b
+                    out[j ushr 3] = (out[j ushr 3].toInt() or (1 shl (j and 7))).toByte()
+                }
+            }
+            pos += bits
+        }
+        return out
+    }
 }
 
 /** The early-exit rule: answer locally when the exit head's top probability reaches the threshold. */

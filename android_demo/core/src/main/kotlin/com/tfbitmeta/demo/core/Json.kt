@@ -26,6 +26,13 @@ data class JsonObject(val fields: Map<String, JsonValue>) : JsonValue() {
 class JsonException(message: String) : Exception(message)
 
 object Json {
+    /**
+     * Deepest nesting of arrays and objects [parse] accepts. The project's JSON (manifest, server answers) nests a
+     * handful of levels; the bound keeps the recursive reader far from any thread's stack limit, so hostile input is
+     * a [JsonException], never a StackOverflowError (docs/android.md).
+     */
+    const val MAX_DEPTH = 64
+
     fun parse(text: String): JsonValue {
         val p = Parser(text)
         p.ws()
@@ -80,6 +87,7 @@ object Json {
 
     private class Parser(val s: String) {
         var i = 0
+        var depth = 0
 
         fun ws() { while (i < s.length && s[i] in " \t\r\n") i++ }
 
@@ -126,8 +134,9 @@ object Json {
                             'b' -> sb.append('\b'); 'f' -> sb.append('\u000c'); 'n' -> sb.append('\n')
                             'r' -> sb.append('\r'); 't' -> sb.append('\t')
                             'u' -> {
-                                if (i + 4 > s.length) fail("bad \\u escape")
-                                sb.append(s.substring(i, i + 4).toIntOrNull(16)?.toChar() ?: fail("bad \\u escape"))
+                                val hex = if (i + 4 <= s.length) s.substring(i, i + 4) else ""
+                                if (hex.length != 4 || !hex.all { it in HEX }) fail("bad \\u escape")
+                                sb.append(hex.toInt(16).toChar())
                                 i += 4
                             }
                             else -> fail("bad escape \\$e")
@@ -139,7 +148,17 @@ object Json {
             }
         }
 
-        fun arr(): JsonValue {
+        /** One level deeper for [body]; beyond [MAX_DEPTH] fails before recursing further. */
+        fun nested(body: () -> JsonValue): JsonValue {
+            if (++depth > MAX_DEPTH) fail("nested deeper than $MAX_DEPTH levels")
+            return body().also { depth-- }
+        }
+
+        fun arr(): JsonValue = nested(::items)
+
+        fun obj(): JsonValue = nested(::fields)
+
+        private fun items(): JsonValue {
             i++
             val items = ArrayList<JsonValue>()
             ws()
@@ -151,7 +170,7 @@ object Json {
             }
         }
 
-        fun obj(): JsonValue {
+        private fun fields(): JsonValue {
             i++
             val fields = LinkedHashMap<String, JsonValue>()
             ws()
@@ -171,6 +190,7 @@ object Json {
         }
 
         companion object {
+            const val HEX = "0123456789abcdefABCDEF"
             val NUMBER = Regex("-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?")
         }
     }
@@ -181,5 +201,7 @@ fun JsonValue?.obj(what: String): JsonObject = this as? JsonObject ?: throw Json
 fun JsonValue?.arr(what: String): List<JsonValue> = (this as? JsonArray)?.items ?: throw JsonException("$what must be a list")
 fun JsonValue?.str(what: String): String = (this as? JsonString)?.value ?: throw JsonException("$what must be a string")
 fun JsonValue?.num(what: String): JsonNumber = this as? JsonNumber ?: throw JsonException("$what must be a number")
-fun JsonValue?.int(what: String): Int = num(what).long.toInt()
+fun JsonValue?.int(what: String): Int = num(what).long.let {
+    if (it < Int.MIN_VALUE || it > Int.MAX_VALUE) throw JsonException("$what: $it is not a 32-bit integer") else it.toInt()
+}
 fun JsonValue?.dbl(what: String): Double = num(what).double

@@ -1,5 +1,6 @@
 package com.tfbitmeta.demo.core
 
+import org.junit.jupiter.api.Assertions.assertArrayEquals
 import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertInstanceOf
 import org.junit.jupiter.api.Assertions.assertNotNull
@@ -33,6 +34,25 @@ class ServerContractTest {
                 val tol = TestData.golden["tolerance"].obj("tol")["server_probs"].dbl("tol")
                 want.forEachIndexed { i, p -> assertTrue(abs(p - r.probs[i]) <= tol, "class $i: $p vs ${r.probs[i]}") }
                 assertEquals(c["server_label"].int("l"), r.label)
+            }
+        }
+
+    @TestFactory
+    fun `the server answers the packed payload exactly as the int8 one`(): List<DynamicTest> =
+        TestData.cases.map { c ->
+            DynamicTest.dynamicTest("${c["bits"].str("b")} ${c["image"].str("i")}") {
+                val f = TestData.front(c)
+                val packed = FeatureEncoder.encodeRequest(TestData.features(c), f)
+                val int8 = TestData.bytes(c["request_int8"].str("r"))
+                if (f.featureQuantization != null && f.bitsA < 8) {
+                    assertTrue("\"bits\":${f.bitsA}," in String(packed), String(packed).take(200))
+                    assertTrue(packed.size < int8.size, "${packed.size} vs ${int8.size} bytes")
+                }
+                val a = client().predict(f.backend, packed, m.labels.size)
+                val b = client().predict(f.backend, int8, m.labels.size)
+                assertInstanceOf(ServerResult.Answer::class.java, a, a.toString())
+                assertInstanceOf(ServerResult.Answer::class.java, b, b.toString())
+                assertArrayEquals((b as ServerResult.Answer).probs, (a as ServerResult.Answer).probs, 0.0)
             }
         }
 
