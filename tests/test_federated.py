@@ -29,6 +29,10 @@ def close(a, b, tol):
     return all(np.allclose(a[k], b[k], atol=tol) for k in a)
 
 
+def max_abs(a, b):
+    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
+
+
 @pytest.fixture(scope="module")
 def tf_sim():
     return Simulation(small(engine="tf"), progress=False)
@@ -80,14 +84,18 @@ def _one_round(engine, workers=(), **kw):
     return rec, sim.state, sim.client_states
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 12 report): on the core-model stack the TFF round differs from the "
-                   "plain-TF round (max |d bank| 0.078 vs a round's change of 0.84 at full precision, measured "
-                   "2026-12-01); initial states are equal. Not yet diagnosed.")
+# One step per client on two svhn_cnn widths: beyond the first step quantization makes training discontinuous in
+# last-bit noise (a weight within an ulp of a rounding boundary takes the other code), and the mobilenet_v2 client's
+# BatchNorm over near-constant digits channels amplifies kernel rounding ~150x; TFF's worker_binary is another
+# TensorFlow build whose kernels round differently (docs/federated.md, "TFF round = plain-TF round").
+EQUAL_ROUND = dict(local_steps=1, architectures="svhn_cnn-w4,svhn_cnn-w2")
+
+
 def test_tff_round_equals_plain_tf_round():
     """The TFF IterativeProcess computes the same round as the plain-TF loop (same seed, same batches)."""
     from tfbitmeta.federated.process import TffProcess
 
-    sim = Simulation(small(engine="tff"), progress=False)
+    sim = Simulation(small(engine="tff", **EQUAL_ROUND), progress=False)
     assert isinstance(sim.process, TffProcess)
     ip = sim.process.process
     assert type(ip).__name__ == "IterativeProcess" and set(sim.process.blocks) >= {"distributor", "client_work",
@@ -95,15 +103,19 @@ def test_tff_round_equals_plain_tf_round():
     # what leaves a client (its contribution and metrics) holds no integer tensor: no labels
     out_t = sim.process.blocks["client_work"].type_signature.result
     assert "int" not in str(out_t[2]) and "int" not in str(out_t[3]), out_t
+    start = sim.state
     rec_tff = sim.run_round(0)
     sim.process.close()
-    rec_tf, state_tf, clients_tf = _one_round("tf")
+    rec_tf, state_tf, clients_tf = _one_round("tf", **EQUAL_ROUND)
+    # float tolerance relative to what the round changed (quantized maps make max-pool ties common: with Keras'
+    # MaxPool2D gradient, which depends on the kernel's summation order, the bank differed by ~1e-1 of the change)
     for part in ("bank", "head", "server"):
-        assert close(sim.state[part], state_tf[part], 1e-4), part
-    assert all(close(a["head"], b["head"], 1e-4) for a, b in zip(sim.client_states, clients_tf))
-    assert rec_tff["exit_loss"] == pytest.approx(rec_tf["exit_loss"], abs=1e-4)
-    fresh = Simulation(small(engine="tf"), progress=False).state
-    assert not close(fresh["bank"], state_tf["bank"], 1e-4)  # the round did something
+        change = max_abs(state_tf[part], start[part])
+        assert change > 1e-3, part  # the round did something
+        assert max_abs(sim.state[part], state_tf[part]) <= 1e-5 * change, (part, max_abs(sim.state[part], state_tf[part]), change)
+    for a, b in zip(sim.client_states, clients_tf):
+        assert max_abs(a["head"], b["head"]) <= 1e-5 * max_abs(b["head"], start["head"])
+    assert rec_tff["exit_loss"] == pytest.approx(rec_tf["exit_loss"], rel=1e-5)
 
 
 # -- what the server sees: TFF type signatures ------------------------------------------------------------

@@ -48,3 +48,26 @@ def test_svhn_cnn_reference_shape_and_size():
     bm = build(ModelConfig(family="svhn_cnn", input_shape=(40, 40, 3), width=2, exits=()))
     n = sum(int(np.prod(v.shape)) for v in bm.keras.trainable_variables if "gamma" not in v.name and "beta" not in v.name)
     assert 125_000 < n < 140_000
+
+
+def test_max_pool_shares_tied_gradients_and_matches_keras_elsewhere():
+    from tfbitmeta.models.pooling import MaxPool2D
+
+    x = tf.constant(np.array([[1, 1, 0, 2], [0, 1, 3, 3], [5, 0, 0, 0], [0, 0, 0, 0]], np.float32)[None, :, :, None])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = MaxPool2D(2)(x, training=True)
+    g = tape.gradient(y, x)[0, :, :, 0].numpy()
+    assert np.array_equal(y[0, :, :, 0].numpy(), [[1, 3], [5, 0]])
+    np.testing.assert_allclose(g, [[1 / 3, 1 / 3, 0, 0], [0, 1 / 3, 0.5, 0.5], [1, 0, 0.25, 0.25], [0, 0, 0.25, 0.25]])
+    z = tf.random.stateless_normal([2, 9, 9, 3], seed=[0, 1])  # no ties: Keras' own gradient, overlapping windows too
+    for size, stride in [(2, 2), (3, 2), (4, 2)]:
+        grads = []
+        for layer, kw in [(MaxPool2D(size, stride), {"training": True}), (tf.keras.layers.MaxPool2D(size, stride), {})]:
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                out = layer(z, **kw)
+                loss = tf.reduce_sum(out * tf.cos(out))
+            grads.append((out.numpy(), tape.gradient(loss, z).numpy()))
+        np.testing.assert_array_equal(grads[0][0], grads[1][0])
+        np.testing.assert_allclose(grads[0][1], grads[1][1], atol=1e-6)

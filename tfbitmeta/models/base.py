@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import tensorflow as tf
 
 from tfbitmeta.errors import BadArgument, TfbitmetaError
+from tfbitmeta.models.pooling import MaxPool2D
 from tfbitmeta.quant.bitwidth import BitSpace
 from tfbitmeta.quant.layers import ADAPTIVE, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QReLU
 from tfbitmeta.quant.quantizers import DEFAULT_SCHEME
@@ -158,7 +159,7 @@ class Adapter:
         self.pool = None
         if tuple(in_size) != tuple(size):
             ph, pw = (_pool_for(i, o) for i, o in zip(in_size, size))
-            self.pool = tf.keras.layers.MaxPool2D((ph[0], pw[0]), (ph[1], pw[1]), name="adapter_pool")
+            self.pool = MaxPool2D((ph[0], pw[0]), (ph[1], pw[1]), name="adapter_pool")
         self.conv = L.conv(channels, 1, name="adapter_conv")
         self.bn = L.bn(name="adapter_bn")
         self.relu = L.relu(name="adapter_relu")

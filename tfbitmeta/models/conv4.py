@@ -14,6 +14,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfbitmeta.models.base import BitModel, LayerFactory, ModelConfig, Stage
+from tfbitmeta.models.pooling import MaxPool2D
 
 
 def build(cfg: ModelConfig) -> BitModel:
@@ -25,7 +26,7 @@ def build(cfg: ModelConfig) -> BitModel:
         role_out = "last" if i == 4 else "inner"
         conv = L.conv(channels, 3, padding="same", bias=False, role=role_in, name=f"b{i}_conv")
         bn = L.bn(name=f"b{i}_bn")
-        pool = tf.keras.layers.MaxPool2D(2, name=f"b{i}_pool")
+        pool = MaxPool2D(2, name=f"b{i}_pool")
         relu = L.relu(role=role_out, name=f"b{i}_relu")
         return Stage(f"b{i}", lambda h, b: relu([pool(bn([conv([h, b]), b])), b]))
 

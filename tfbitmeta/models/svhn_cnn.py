@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfbitmeta.errors import BadArgument
 from tfbitmeta.models.base import BitModel, LayerFactory, ModelConfig, Stage
 from tfbitmeta.models.dropout import CheckpointedDropout
+from tfbitmeta.models.pooling import MaxPool2D
 
 MIN_SIZE = 24
 
@@ -21,7 +22,7 @@ def build(cfg: ModelConfig) -> BitModel:
         raise BadArgument(f"svhn_cnn needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px (got {size}); "
                           f"resize the images to {MIN_SIZE} or use another model", param="image_size")
     L = LayerFactory(cfg)
-    pool = tf.keras.layers.MaxPool2D
+    pool = MaxPool2D
     final_k = (((size - 4) // 2) // 2) - 4  # spatial size before the last conv
 
     def conv_bn_relu(name, filters, padding, pool_after=False):
