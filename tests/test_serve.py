@@ -219,10 +219,11 @@ def _corpus(shape, scale, zp):
     ]
 
 
-CORPUS_SIZE = len(_corpus((5, 5, 16), 0.1, -128))
+CORPUS_NAMES = [c[0] for c in _corpus((5, 5, 16), 0.1, -128)]  # test ids (tools/before_after.py maps them to defects)
+CORPUS_SIZE = len(CORPUS_NAMES)
 
 
-@pytest.mark.parametrize("case", range(CORPUS_SIZE))
+@pytest.mark.parametrize("case", range(CORPUS_SIZE), ids=CORPUS_NAMES)
 def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_working(server, spec4, features4, case):
     url, _ = server
     name, method, path, body, status, text = _corpus(spec4.shape, spec4.scale, spec4.zero_point)[case]
