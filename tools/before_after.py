@@ -86,22 +86,24 @@ def lay_out(rev: str, dest: Path, paths: list[str] | None = None) -> None:
 
 
 def run_tests(tree: Path, timeout: int, log: Path) -> dict[str, dict]:
-    xml = tree / "junit.xml"
+    """Each test file in its own pytest session (a module the old code cannot import fails alone)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    cmd = ["uv", "run", "--project", str(ROOT), "--with", "pytest-timeout", "python", "-m", "pytest", *TESTS, "-q",
-           "-p", "no:cacheprovider", f"--timeout={timeout}", f"--junitxml={xml}", "-o", "junit_family=xunit1"]
-    t0 = time.monotonic()
-    with open(log, "w") as f:
-        subprocess.run(cmd, cwd=tree, env=env, stdout=f, stderr=subprocess.STDOUT)
+    results, t0 = {}, time.monotonic()
+    for i, test_file in enumerate(TESTS):
+        xml = tree / f"junit-{i}.xml"
+        cmd = ["uv", "run", "--project", str(ROOT), "--with", "pytest-timeout", "python", "-m", "pytest", test_file,
+               "-q", "-p", "no:cacheprovider", f"--timeout={timeout}", f"--junitxml={xml}", "-o",
+               "junit_family=xunit1"]
+        with open(log, "a") as f:
+            subprocess.run(cmd, cwd=tree, env=env, stdout=f, stderr=subprocess.STDOUT)
+        for case in ET.parse(xml).iter("testcase"):
+            failure = next((c for c in case if c.tag in ("failure", "error")), None)
+            skipped = next((c for c in case if c.tag == "skipped"), None)
+            outcome = "failed" if failure is not None else "skipped" if skipped is not None else "passed"
+            detail = failure if failure is not None else skipped
+            name = case.get("name") if case.get("classname") else f"collecting {test_file}"
+            results[name] = {"outcome": outcome, "reason": _reason(detail) if detail is not None else None}
     print(f"{tree.name}: {time.monotonic() - t0:.0f} s", flush=True)
-    results = {}
-    for case in ET.parse(xml).iter("testcase"):
-        failure = next((c for c in case if c.tag in ("failure", "error")), None)
-        skipped = next((c for c in case if c.tag == "skipped"), None)
-        outcome = "failed" if failure is not None else "skipped" if skipped is not None else "passed"
-        detail = failure if failure is not None else skipped
-        results[case.get("name")] = {"outcome": outcome,
-                                     "reason": _reason(detail) if detail is not None else None}
     return results
 
 
@@ -119,7 +121,7 @@ def kind(reason: str | None) -> str | None:
         return None
     if "Timeout" in reason:
         return "timeout"
-    if re.search(r"ImportError|ModuleNotFoundError|has no attribute|unexpected keyword|cannot import", reason):
+    if re.search(r"not collected|ImportError|ModuleNotFoundError|has no attribute|unexpected keyword|cannot import", reason):
         return "missing in the old code"
     return "behaviour"
 
@@ -143,13 +145,19 @@ def main(argv=None):
         lay_out(old, before, OLD_PACKAGES)
         res_before = run_tests(before, args.timeout, work / "before.log")
         res_after = run_tests(after, args.timeout, work / "after.log")
-        tails = {name: (work / f"{name}.log").read_text().splitlines()[-1:] for name in ("before", "after")}
+        tails = {name: [ln for ln in (work / f"{name}.log").read_text().splitlines()
+                        if re.match(r"^\d+ (passed|failed|errors?|skipped)\b.* in [\d.]+s", ln)]
+                 for name in ("before", "after")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     tests, defects = [], {}
-    for name in sorted(set(res_before) | set(res_after)):
-        b, a = res_before.get(name, {"outcome": "absent"}), res_after.get(name, {"outcome": "absent"})
+    collect_errors = {k: v for k, v in res_before.items() if k.startswith("collecting ")}
+    for name in sorted(set(res_after) | set(res_before) - set(collect_errors)):
+        a = res_after.get(name, {"outcome": "absent"})
+        # a test the old tree could not even collect failed there: its module needs code the old tree lacks
+        b = res_before.get(name) or {"outcome": "failed", "reason": "not collected: " + "; ".join(
+            f"{k}: {v['reason']}" for k, v in collect_errors.items())[:300]}
         covers = DEFECTS.get(name, [])
         tests.append({"test": name, "defects": covers, "before": b["outcome"], "after": a["outcome"],
                       "before_reason": b.get("reason"), "before_kind": kind(b.get("reason")),
@@ -168,7 +176,7 @@ def main(argv=None):
     result = {
         "command": "uv run python tools/before_after.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "old": old, "new": new, "old_packages": OLD_PACKAGES, "tests_run": TESTS, "timeout_s": args.timeout,
-        "pytest_last_line": tails, "defects": summary,
+        "pytest_last_line": tails, "collection_errors_before": collect_errors, "defects": summary,
         "regression_tests": {"count": len(unmapped), "passed_after": sum(res_after.get(t, {}).get("outcome") == "passed"
                                                                          for t in unmapped)},
         "tests": tests,
