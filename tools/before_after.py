@@ -3,7 +3,8 @@
 Two trees are laid out from git (nothing in the work tree changes): *after* is ``--new`` (default HEAD) as
 committed; *before* is the same tree with ``tfbitmeta/serve`` and ``tfbitmeta/device`` replaced by the versions at
 ``--old`` (default: the first parent of the merge of branch 'serve' that closed issue 16's hardening, i.e. main
-just before the fixes landed). Both run the *current* server/device tests (tests/test_serve.py, test_grpc.py,
+just before the fixes landed), plus a one-line re-export for each module the old code imports that has moved since
+(``MOVED``). Both run the *current* server/device tests (tests/test_serve.py, test_grpc.py,
 test_device.py) with a per-test timeout (pytest-timeout, so a hang counts as a failure), each tree on the
 project's environment with its own tree first on ``sys.path``. Every test is mapped to the issue's numbered
 defect(s) it covers (``DEFECTS`` below); a defect is *proven* when at least one of its tests fails before and all
@@ -28,6 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_serve.py", "tests/test_grpc.py", "tests/test_device.py"]
 OLD_PACKAGES = ["tfbitmeta/serve", "tfbitmeta/device"]
+# modules the old code imports that have moved since: the before tree gets a one-line re-export for each (the
+# names, signatures and behaviour used by the old code are unchanged; only the module path moved)
+MOVED = {"tfbitmeta/meta/run.py": "from tfbitmeta.runs import RunDir, TrainConfig  # noqa: F401\n"}
 
 # test name (or name[param]) -> the defects of issue 16 it covers ("5:<item>" names the part of defect 5)
 DEFECTS = {
@@ -143,6 +147,8 @@ def main(argv=None):
         for p in OLD_PACKAGES:
             shutil.rmtree(before / p)
         lay_out(old, before, OLD_PACKAGES)
+        for path, text in MOVED.items():
+            (before / path).write_text(text)
         res_before = run_tests(before, args.timeout, work / "before.log")
         res_after = run_tests(after, args.timeout, work / "after.log")
         tails = {name: [ln for ln in (work / f"{name}.log").read_text().splitlines()
@@ -175,7 +181,7 @@ def main(argv=None):
     unmapped = [t["test"] for t in tests if not t["defects"]]
     result = {
         "command": "uv run python tools/before_after.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "old": old, "new": new, "old_packages": OLD_PACKAGES, "tests_run": TESTS, "timeout_s": args.timeout,
+        "old": old, "new": new, "old_packages": OLD_PACKAGES, "moved_modules_shimmed": MOVED, "tests_run": TESTS, "timeout_s": args.timeout,
         "pytest_last_line": tails, "collection_errors_before": collect_errors, "defects": summary,
         "regression_tests": {"count": len(unmapped), "passed_after": sum(res_after.get(t, {}).get("outcome") == "passed"
                                                                          for t in unmapped)},
