@@ -117,7 +117,7 @@ def h2load(url: str, body: bytes, n: int, clients: int, headers: list[str], h1: 
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     if done is None or int(done.group(2)) < n:
         errors += [f"h2load: {n - (int(done.group(2)) if done else 0)} of {n} requests did not succeed"]
-    traffic = re.search(r"traffic: .*?, \d+ \(\d+\) headers .*?, (\d+) \(\d+\) data", out)
+    traffic = re.search(r"traffic: .*? total, .*? headers .*?, \S+ \((\d+)\) data", out)
     if ok_data_bytes is not None and (traffic is None or int(traffic.group(1)) < n * ok_data_bytes):
         got = int(traffic.group(1)) if traffic else 0
         errors += ["grpc: no message"] * max(1, n - got // ok_data_bytes)
