@@ -105,7 +105,9 @@ def run_tests(tree: Path, timeout: int, log: Path) -> dict[str, dict]:
     for i, test_file in enumerate(TESTS):
         xml = tree / f"junit-{i}.xml"
         cmd = ["uv", "run", "--project", str(ROOT), "--with", "pytest-timeout", "python", "-m", "pytest", test_file,
-               "-q", "-p", "no:cacheprovider", f"--timeout={timeout}", f"--junitxml={xml}", "-o",
+               # --tb=line: the old code's RecursionError can leave CPython's recursion counter off, and pytest's
+               # long tracebacks then die in ast.parse (INTERNALERROR, the rest of the file unreported)
+               "-q", "--tb=line", "-p", "no:cacheprovider", f"--timeout={timeout}", f"--junitxml={xml}", "-o",
                "junit_family=xunit1"]
         with open(log, "a") as f:
             subprocess.run(cmd, cwd=tree, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -170,6 +172,11 @@ def main(argv=None):
         tails = {name: [ln for ln in (work / f"{name}.log").read_text().splitlines()
                         if re.match(r"^\d+ (passed|failed|errors?|skipped)\b.* in [\d.]+s", ln)]
                  for name in ("before", "after")}
+        logs = Path(tempfile.gettempdir()) / "before_after-logs"
+        logs.mkdir(exist_ok=True)
+        for name in ("before", "after"):
+            shutil.copy(work / f"{name}.log", logs / f"{name}.log")
+        print(f"pytest output: {logs}/before.log, after.log")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

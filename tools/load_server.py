@@ -173,6 +173,15 @@ def grpc_response_bytes(port: int, request) -> int:
         return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30).ByteSize()
 
 
+def server_cpu(pid: int):
+    """CPU seconds (user + system) of the server and its worker processes: what a request costs the server,
+    whatever share of the shared cores other jobs take."""
+    def cpu():
+        p = psutil.Process(pid)
+        return sum(sum(c.cpu_times()[:2]) for c in [p, *p.children(recursive=True)])
+    return cpu
+
+
 def server_rss(pid: int):
     def rss():
         p = psutil.Process(pid)
@@ -232,14 +241,19 @@ def measure(args, workers: int, bodies: dict, grpc_request, model: str) -> dict:
             timed = {name: (lambda k, make=make: run_phase(make, c, k)) for name, (make, n, images) in phases.items()}
         # the phases alternate in short rounds so that other jobs' load, which drifts, hits each of them alike
         parts, rss0 = {name: [] for name in phases}, {name: rss() for name in phases}
+        cpu, cpu_used = server_cpu(server.pid), {name: 0.0 for name in phases}
         for _ in range(args.rounds):
             for name, (make, n, images) in phases.items():
+                c0 = cpu()
                 parts[name].append(timed[name](max(1, n // args.rounds)))
+                cpu_used[name] += cpu() - c0
         for name, (make, n, images) in phases.items():
             out[name] = summarize(parts[name], c, images, rss0[name], rss())
+            out[name]["server_cpu_us_per_request"] = cpu_used[name] * 1e6 / out[name]["completed"]
             print(f"workers {workers} {name}: {out[name]['req_per_s']:.0f} req/s, {out[name]['images_per_s']:.0f} "
                   f"images/s, p50 {out[name]['latency_ms']['p50']:.1f} ms, p99 {out[name]['latency_ms']['p99']:.1f} ms, "
-                  f"{out[name]['errors']} errors", flush=True)
+                  f"{out[name]['errors']} errors, server CPU {out[name]['server_cpu_us_per_request']:.0f} us/request",
+                  flush=True)
         out["rss_mb_at_end"] = rss() / 2**20
     finally:
         server.terminate()
@@ -344,6 +358,11 @@ def main(argv=None):
                   "batch64_vs_backend": run["d_rest_64"]["images_per_s"] / e["images_per_s"],
                   "p99_over_p50_worst": max(run[n]["p99_over_p50"] for n in ("a_floor", "b_rest_1", "c_grpc_1",
                                                                             "d_rest_64"))}
+        cost = {n: run[n]["server_cpu_us_per_request"] for n in ("a_floor", "b_rest_1", "c_grpc_1", "d_rest_64")}
+        # the same ratios from the server's CPU per request (capacity if the server had the cores to itself)
+        run["cpu_ratios"] = {"rest_vs_floor": cost["a_floor"] / cost["b_rest_1"],
+                             "grpc_vs_rest": cost["b_rest_1"] / cost["c_grpc_1"],
+                             "batch64_vs_backend": (1e6 / (cost["d_rest_64"] / 64)) / e["images_per_s"]}
         run["ratios"] = ratios
         run["met"] = {"rest_vs_floor": ratios["rest_vs_floor"] >= TARGETS["rest_vs_floor"],
                       "grpc_vs_rest": ratios["grpc_vs_rest"] >= TARGETS["grpc_vs_rest"],
@@ -369,7 +388,8 @@ def main(argv=None):
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({"e_backend_images_per_s": e["images_per_s"],
-                      **{f"workers_{r['workers']}": {"ratios": r["ratios"], "met": r["met"]} for r in runs}}, indent=1))
+                      **{f"workers_{r['workers']}": {"ratios": r["ratios"], "cpu_ratios": r["cpu_ratios"], "met": r["met"]}
+                         for r in runs}}, indent=1))
 
 
 if __name__ == "__main__":
