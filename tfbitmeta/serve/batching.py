@@ -96,16 +96,17 @@ class DynamicBatcher:
             return self._next()
         self._busy = True
         x = live[0][0] if len(live) == 1 else np.concatenate([x for x, _ in live])
-        if len(x) <= self.max_batch:
-            # one backend call (~0.1-0.3 ms): on the loop. Handing it to a thread cost more than the call itself:
-            # the wake-up, and the GIL bouncing between the loop and the thread at every socket write
+        if len(x) < self.max_batch:
+            # a batch that did not fill up (nobody else is waiting): one call (~0.1 ms) on the loop. Handing it to a
+            # thread cost more than the call: the wake-up, and the GIL bouncing at every socket write
             call = self._loop.create_future()
             try:
                 call.set_result(self.run(x))
             except Exception as e:  # noqa: BLE001 - reported to every waiting request
                 call.set_exception(e)
             return self._done(call, live)
-        # a request larger than a batch is several backend calls: in the thread, the loop keeps serving
+        # a full batch means more requests are queued: the backend (which releases the GIL) runs in its thread while
+        # the loop parses and answers the others; a request larger than a batch is several calls
         call = self._loop.run_in_executor(self._executor, self.run, x)
         call.add_done_callback(lambda c: self._done(c, live))
 
