@@ -2,8 +2,10 @@
 
 A batch starts when the first request arrives and closes when it holds ``max_batch`` rows, when ``max_delay`` has
 passed, or when no request arrived for ``idle`` seconds (so closed-loop clients are not held for the whole
-delay); while the backend runs (in its own thread, so the event loop keeps accepting requests) the next batch
-fills up.  More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
+delay). A batch that did not fill up is one short backend call, made on the event loop; a full batch (others are
+queued) runs in the backend's thread, so the loop parses and answers the next requests meanwhile, and they form the
+next batch.  More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
+Measurements behind these choices: README, "Load"; benchmarks/README.md.
 """
 from __future__ import annotations
 
