@@ -208,8 +208,9 @@ def _corpus(shape, scale, zp):
         ("deep tensor object", "POST", P, b'{"inputs":{"values":' + b"[" * 500 + b"]" * 500 + b',"dtype":"int8"}}', 400, ""),
         ("dtype is a list", "POST", P, {"inputs": {**int8, "dtype": ["int8"]}}, 400, "unsupported dtype"),
         ("dtype is an object", "POST", P, {"inputs": {**int8, "dtype": {"a": 1}}}, 400, "unsupported dtype"),
-        ("huge integer scale", "POST", P, b'{"inputs":{"values":[[0]],"dtype":"int8","zero_point":0,"scale":'
-         + b"9" * 400 + b"}}", 400, "not valid JSON"),
+        # the right shape and zero point, so that only the 400-digit scale is wrong (it used to overflow: 500)
+        ("huge integer scale", "POST", P, json.dumps({"inputs": {**int8, "scale": "SCALE"}}).replace('"SCALE"', "9" * 400)
+         .encode(), 400, "not valid JSON"),
         ("64-bit integer scale", "POST", P, {"inputs": {**int8, "scale": 2 ** 63 - 1}}, 400, "differs from the manifest"),
         ("huge float", "POST", P, b'{"inputs":[[1e999999]]}', 400, ""),
         ("huge zero point", "POST", P, {"inputs": {**int8, "zero_point": 2 ** 63 - 1}}, 400, "differs from the manifest"),
