@@ -246,7 +246,7 @@ def test_timeout_is_a_deadline_for_a_trickling_server(models, digit):
     assert took < 15
 
 
-@pytest.mark.parametrize("what,body", [
+HOSTILE = [
     ("nested 100000 deep", b'{"outputs":' + b"[" * 100000 + b"]" * 100000 + b"}"),
     ("nested 1000 deep", b'{"outputs":' + b"[" * 1000 + b"]" * 1000 + b"}"),
     ("negative", json.dumps({"outputs": [[-0.5, 1.5] + [0.0] * 8]}).encode()),
@@ -258,7 +258,10 @@ def test_timeout_is_a_deadline_for_a_trickling_server(models, digit):
     ("booleans", json.dumps({"outputs": [[True] + [False] * 9]}).encode()),
     ("not an object", b"[1, 2, 3]"),
     ("large answer", b'{"outputs": [[' + b" " * (3 << 20) + b"0.9" + b",0.0111111111" * 9 + b"]]}"),
-])
+]
+
+
+@pytest.mark.parametrize("what,body", HOSTILE, ids=[w for w, _ in HOSTILE])
 def test_impossible_or_hostile_answers_are_offline(models, digit, what, body):
     with FakeServer(answer(body)) as url:
         r = CliRunner().invoke(main, ["classify", str(digit[0]), "--models", str(models), "--bits", "4", "--threshold",

@@ -7,8 +7,12 @@
 (e) the backend alone (``Backend.predict`` at full batches, no server) in images/s.
 
 For every ``--workers`` value the tool starts ``tfbitmeta serve`` as a subprocess on free loopback ports, runs
-``--clients`` concurrent keep-alive connections x ``--requests`` calls for (a)-(d) (after a warm-up), records
-throughput, p50/p99 latency, errors and the server's RSS (all worker processes) before/after, then stops it.
+``--clients`` concurrent keep-alive connections x ``--requests`` calls for (a)-(d) (after a warm-up with the tool's
+own Python clients, which check every answer), records throughput, p50/p99 latency, errors and the server's RSS
+(all worker processes) before/after, then stops it. The timed phases use nghttp2's ``h2load`` when installed
+(``--client h2load``: C, one thread, so the client's share of the 2 shared cores is small and the server is what is
+measured; HTTP/1.1 keep-alive for REST, HTTP/2 for gRPC, one connection per client with one call in flight) or the
+Python asyncio clients (``--client python``).
 Targets: (b) >= 0.7 (a); (c) >= (b); (d) >= 0.5 (e) in images/s; p99 <= 3 p50; 0 errors; RSS flat.
 Writes ``<out>.json`` and ``<out>.png``.
 """
@@ -20,6 +24,8 @@ import json
 import logging
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -89,6 +95,35 @@ async def grpc_client(port: int, request, n: int, latencies: list, errors: list)
             errors.append(f"{e.code()}: {e.details()}")
 
 
+def h2load(url: str, body: bytes, n: int, clients: int, headers: list[str], h1: bool,
+           ok_data_bytes: int | None = None) -> tuple[float, list, list]:
+    """One phase with nghttp2's h2load (C, one thread: the client takes far less of the shared CPUs than the
+    server), ``clients`` keep-alive connections with one request in flight each; per-request latency from its log.
+    REST errors are non-200 statuses; gRPC errors travel in trailers h2load does not read, so a gRPC phase also
+    checks the DATA bytes received against ``ok_data_bytes`` per call (a failed call has no message)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, log = Path(tmp) / "body", Path(tmp) / "log"
+        data.write_bytes(body)
+        cmd = ["h2load", "-n", str(n), "-c", str(min(clients, n)), "-m", "1", "-t", "1", "-d", str(data),
+               f"--log-file={log}", *(x for h in headers for x in ("-H", h)), *(["--h1"] if h1 else []), url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
+        rows = [line.split("\t") for line in log.read_text().splitlines()]
+    m = re.search(r"finished in ([\d.]+)(ms|s|us)", out)
+    elapsed = float(m.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6}[m.group(2)]
+    latencies = [int(r[2]) * 1e-6 for r in rows]
+    errors = [f"HTTP {r[1]}" for r in rows if r[1] != "200"]
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if done is None or int(done.group(2)) < n:
+        errors += [f"h2load: {n - (int(done.group(2)) if done else 0)} of {n} requests did not succeed"]
+    traffic = re.search(r"traffic: .*? total, .*? headers .*?, \S+ \((\d+)\) data", out)
+    if ok_data_bytes is not None and (traffic is None or int(traffic.group(1)) < n * ok_data_bytes):
+        got = int(traffic.group(1)) if traffic else 0
+        errors += ["grpc: no message"] * max(1, n - got // ok_data_bytes)
+    return elapsed, latencies, errors
+
+
 def run_phase(make_client, clients: int, requests: int) -> tuple[float, list, list]:
     async def go():
         latencies, errors = [], []
@@ -129,6 +164,24 @@ def backend_alone(models: Path, model: str, x64: np.ndarray, seconds: float = 3.
     return {"calls_per_s": calls / dt, "rows_per_call": len(x64), "images_per_s": calls * len(x64) / dt}
 
 
+def grpc_response_bytes(port: int, request) -> int:
+    """Size of one successful Predict answer (h2load's gRPC phases check the bytes they received against it)."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30).ByteSize()
+
+
+def server_cpu(pid: int):
+    """CPU seconds (user + system) of the server and its worker processes: what a request costs the server,
+    whatever share of the shared cores other jobs take."""
+    def cpu():
+        p = psutil.Process(pid)
+        return sum(sum(c.cpu_times()[:2]) for c in [p, *p.children(recursive=True)])
+    return cpu
+
+
 def server_rss(pid: int):
     def rss():
         p = psutil.Process(pid)
@@ -165,19 +218,42 @@ def measure(args, workers: int, bodies: dict, grpc_request, model: str) -> dict:
             "d_rest_64": (lambda n, lat, err: http_client(port, f"/v1/models/{model}:predict", bodies["64"], n, lat, err,
                                                           b'"outputs"'), max(args.rounds, r // 4), 64),
         }
-        for name, (make, n, images) in phases.items():  # warm-up
-            run_phase(make, c, max(1, w if images == 1 else w // 4))
+        warm = {}
+        for name, (make, n, images) in phases.items():  # warm-up with the Python clients: they check every answer
+            warm[name] = run_phase(make, c, max(1, w if images == 1 else w // 4))
+        out["warmup_errors"] = {name: len(v[2]) for name, v in warm.items()}
         out["rss_mb_after_warmup"] = rss() / 2**20
+        if args.client == "h2load":
+            json_h = ["content-type: application/json"]
+            grpc_h = ["content-type: application/grpc", "te: trailers"]
+            ok_bytes = 5 + grpc_response_bytes(gport, grpc_request)
+            grpc_body = b"\0" + len(grpc_request.SerializeToString()).to_bytes(4, "big") + grpc_request.SerializeToString()
+            timed = {
+                "a_floor": lambda k: h2load(f"http://127.0.0.1:{port}/v1/floor", bodies["one"], k * c, c, json_h, True),
+                "b_rest_1": lambda k: h2load(f"http://127.0.0.1:{port}/v1/models/{model}:predict", bodies["one"], k * c,
+                                             c, json_h, True),
+                "c_grpc_1": lambda k: h2load(f"http://127.0.0.1:{gport}/tensorflow.serving.PredictionService/Predict",
+                                             grpc_body, k * c, c, grpc_h, False, ok_bytes),
+                "d_rest_64": lambda k: h2load(f"http://127.0.0.1:{port}/v1/models/{model}:predict", bodies["64"], k * c,
+                                              c, json_h, True),
+            }
+        else:
+            timed = {name: (lambda k, make=make: run_phase(make, c, k)) for name, (make, n, images) in phases.items()}
         # the phases alternate in short rounds so that other jobs' load, which drifts, hits each of them alike
         parts, rss0 = {name: [] for name in phases}, {name: rss() for name in phases}
+        cpu, cpu_used = server_cpu(server.pid), {name: 0.0 for name in phases}
         for _ in range(args.rounds):
             for name, (make, n, images) in phases.items():
-                parts[name].append(run_phase(make, c, max(1, n // args.rounds)))
+                c0 = cpu()
+                parts[name].append(timed[name](max(1, n // args.rounds)))
+                cpu_used[name] += cpu() - c0
         for name, (make, n, images) in phases.items():
             out[name] = summarize(parts[name], c, images, rss0[name], rss())
+            out[name]["server_cpu_us_per_request"] = cpu_used[name] * 1e6 / out[name]["completed"]
             print(f"workers {workers} {name}: {out[name]['req_per_s']:.0f} req/s, {out[name]['images_per_s']:.0f} "
                   f"images/s, p50 {out[name]['latency_ms']['p50']:.1f} ms, p99 {out[name]['latency_ms']['p99']:.1f} ms, "
-                  f"{out[name]['errors']} errors", flush=True)
+                  f"{out[name]['errors']} errors, server CPU {out[name]['server_cpu_us_per_request']:.0f} us/request",
+                  flush=True)
         out["rss_mb_at_end"] = rss() / 2**20
     finally:
         server.terminate()
@@ -233,6 +309,9 @@ def main(argv=None):
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--batch-idle-ms", type=float, default=0.3)
+    ap.add_argument("--client", choices=["h2load", "python"], default="h2load" if shutil.which("h2load") else "python",
+                    help="load generator of the timed phases: nghttp2's h2load (apt-get install nghttp2-client; "
+                         "the default when installed) or the tool's own asyncio clients")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/server_load"))
     args = ap.parse_args(argv)
 
@@ -279,12 +358,18 @@ def main(argv=None):
                   "batch64_vs_backend": run["d_rest_64"]["images_per_s"] / e["images_per_s"],
                   "p99_over_p50_worst": max(run[n]["p99_over_p50"] for n in ("a_floor", "b_rest_1", "c_grpc_1",
                                                                             "d_rest_64"))}
+        cost = {n: run[n]["server_cpu_us_per_request"] for n in ("a_floor", "b_rest_1", "c_grpc_1", "d_rest_64")}
+        # the same ratios from the server's CPU per request (capacity if the server had the cores to itself)
+        run["cpu_ratios"] = {"rest_vs_floor": cost["a_floor"] / cost["b_rest_1"],
+                             "grpc_vs_rest": cost["b_rest_1"] / cost["c_grpc_1"],
+                             "batch64_vs_backend": (1e6 / (cost["d_rest_64"] / 64)) / e["images_per_s"]}
         run["ratios"] = ratios
         run["met"] = {"rest_vs_floor": ratios["rest_vs_floor"] >= TARGETS["rest_vs_floor"],
                       "grpc_vs_rest": ratios["grpc_vs_rest"] >= TARGETS["grpc_vs_rest"],
                       "batch64_vs_backend": ratios["batch64_vs_backend"] >= TARGETS["batch64_vs_backend"],
                       "p99_over_p50": ratios["p99_over_p50_worst"] <= TARGETS["p99_over_p50"],
-                      "zero_errors": all(run[n]["errors"] == 0 for n in ("a_floor", "b_rest_1", "c_grpc_1", "d_rest_64")),
+                      "zero_errors": all(run[n]["errors"] == 0 for n in ("a_floor", "b_rest_1", "c_grpc_1", "d_rest_64"))
+                      and not any(run["warmup_errors"].values()),
                       "memory_flat": run["rss_mb_at_end"] - run["rss_mb_after_warmup"]
                       < max(10.0, 0.03 * run["rss_mb_at_start"])}
     result = {
@@ -297,13 +382,14 @@ def main(argv=None):
                    "request_bytes_1": len(bodies["one"]), "request_bytes_64": len(bodies["64"]),
                    "grpc_request_bytes_1": req.ByteSize(),
                    "wire_format": "(b) packed k-bit codes, base64 JSON; (c) DT_STRING packed codes; (d) int8 base64 [64,...]"},
-        "clients": args.clients, "targets": TARGETS, "e_backend": e, "runs": runs,
+        "clients": args.clients, "load_generator": args.client, "targets": TARGETS, "e_backend": e, "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({"e_backend_images_per_s": e["images_per_s"],
-                      **{f"workers_{r['workers']}": {"ratios": r["ratios"], "met": r["met"]} for r in runs}}, indent=1))
+                      **{f"workers_{r['workers']}": {"ratios": r["ratios"], "cpu_ratios": r["cpu_ratios"], "met": r["met"]}
+                         for r in runs}}, indent=1))
 
 
 if __name__ == "__main__":

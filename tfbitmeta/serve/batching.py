@@ -2,8 +2,10 @@
 
 A batch starts when the first request arrives and closes when it holds ``max_batch`` rows, when ``max_delay`` has
 passed, or when no request arrived for ``idle`` seconds (so closed-loop clients are not held for the whole
-delay); while the backend runs (in its own thread, so the event loop keeps accepting requests) the next batch
-fills up.  More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
+delay). A batch that did not fill up is one short backend call, made on the event loop; a full batch (others are
+queued) runs in the backend's thread, so the loop parses and answers the next requests meanwhile, and they form the
+next batch.  More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
+Measurements behind these choices: README, "Load"; benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -28,14 +30,19 @@ class Overloaded(ApiError):
 
 
 class DynamicBatcher:
+    """Event-driven: no task per batch or per arrival, one timer per idle period (an ``asyncio.wait_for`` per
+    arrival, the earlier design, created a task for every request)."""
+
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay_s: float, max_queue: int,
                  idle_s: float | None = None):
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay_s, max_queue
         self.idle = max_delay_s if idle_s is None else idle_s
         self._queue: collections.deque = collections.deque()
         self._rows = 0
-        self._event: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._busy = False            # a backend call is running
+        self._opened = self._last = self._armed = 0.0  # when the open batch started / its last arrival / the timer was set
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="backend")
         self.calls = 0  # backend calls made (for tests and the load report)
 
@@ -45,59 +52,95 @@ class DynamicBatcher:
     def enqueue(self, x: np.ndarray) -> asyncio.Future:
         if self._rows + len(x) > self.max_queue:
             raise Overloaded(self._rows, self.max_queue)
-        loop = asyncio.get_running_loop()
-        if self._task is None:
-            self._event = asyncio.Event()
-            self._task = loop.create_task(self._serve())
+        loop = self._loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append((x, fut))
         self._rows += len(x)
-        self._event.set()
+        now = self._last = loop.time()
+        if self._busy:
+            return fut  # the batch closes when the running call returns (see _done)
+        if self._rows >= self.max_batch:
+            self._dispatch()
+        elif self._timer is None:
+            self._opened = now
+            self._arm(now)
         return fut
 
-    async def _serve(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._event.wait()
-            deadline = loop.time() + self.max_delay
-            while self._rows < self.max_batch and (left := deadline - loop.time()) > 0:
-                self._event.clear()
-                try:
-                    await asyncio.wait_for(self._event.wait(), min(left, self.idle))
-                except asyncio.TimeoutError:
-                    break
-            items, rows = [], 0
-            while self._queue and (not items or rows + len(self._queue[0][0]) <= self.max_batch):
-                x, fut = self._queue.popleft()
-                items.append((x, fut))
-                rows += len(x)
-            self._rows -= rows
-            if not self._queue:
-                self._event.clear()
-            live = [(x, f) for x, f in items if not f.done()]  # timed-out requests are not computed
-            if not live:
-                continue
+    def _arm(self, now: float) -> None:
+        self._armed = now
+        self._timer = self._loop.call_at(min(self._last + self.idle, self._opened + self.max_delay), self._check)
+
+    def _check(self) -> None:
+        """Timer: close the batch unless requests arrived since the timer was set and ``max_delay`` is not over.
+        The timer is trusted when it fires: uvloop's timers have a 1 ms resolution and fire sub-ms delays at the
+        next loop iteration, so re-checking the clock would spin; re-arming needs an arrival in between."""
+        self._timer = None
+        if self._busy or not self._queue:
+            return
+        now = self._loop.time()
+        if self._last > self._armed and now < self._opened + self.max_delay:
+            self._arm(now)
+        else:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, rows = [], 0
+        while self._queue and (not items or rows + len(self._queue[0][0]) <= self.max_batch):
+            x, fut = self._queue.popleft()
+            items.append((x, fut))
+            rows += len(x)
+        self._rows -= rows
+        live = [(x, f) for x, f in items if not f.done()]  # timed-out requests are not computed
+        if not live:
+            return self._next()
+        self._busy = True
+        x = live[0][0] if len(live) == 1 else np.concatenate([x for x, _ in live])
+        if len(x) < self.max_batch:
+            # a batch that did not fill up (nobody else is waiting): one call (~0.1 ms) on the loop. Handing it to a
+            # thread cost more than the call: the wake-up, and the GIL bouncing at every socket write
+            call = self._loop.create_future()
             try:
-                out = await loop.run_in_executor(self._executor, self.run, np.concatenate([x for x, _ in live]))
-                self.calls += 1
+                call.set_result(self.run(x))
             except Exception as e:  # noqa: BLE001 - reported to every waiting request
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
-            i = 0
+                call.set_exception(e)
+            return self._done(call, live)
+        # a full batch means more requests are queued: the backend (which releases the GIL) runs in its thread while
+        # the loop parses and answers the others; a request larger than a batch is several calls
+        call = self._loop.run_in_executor(self._executor, self.run, x)
+        call.add_done_callback(lambda c: self._done(c, live))
+
+    def _done(self, call: asyncio.Future, live: list) -> None:
+        self._busy = False
+        if call.cancelled() or call.exception() is not None:
+            error = call.exception() if not call.cancelled() else ApiError(503, "unavailable", "server shutting down")
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(error)
+        else:
+            self.calls += 1
+            out, i = call.result(), 0
             for x, f in live:
                 if not f.done():
                     f.set_result(out[i:i + len(x)])
                 i += len(x)
+        self._next()
+
+    def _next(self) -> None:
+        """After a call: what arrived meanwhile forms the next batch, which waits up to ``idle`` for company."""
+        if not self._queue:
+            return
+        if self._rows >= self.max_batch:
+            return self._dispatch()
+        now = self._opened = self._last = self._loop.time()
+        self._arm(now)
 
     async def close(self):
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

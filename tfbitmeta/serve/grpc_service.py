@@ -24,8 +24,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from tfbitmeta.serve.errors import ApiError
-from tfbitmeta.serve.payload import (DTYPES, MAX_ROWS, FeatureSpec, bad, check_quantization, dequantize,
-                                     unpack_codes)
+from tfbitmeta.serve.payload import DTYPES, MAX_ROWS, FeatureSpec, Packed, bad, check_quantization, dequantize
 from tfbitmeta.serve.security import token_matches
 
 log = logging.getLogger("tfbitmeta.serve")
@@ -122,12 +121,8 @@ def _packed(t, shape, inputs, spec: FeatureSpec) -> np.ndarray:
         raise bad("packed features need 'bits', a DT_INT32 scalar 1-8", "invalid_bits")
     zp = _scalar(inputs, "zero_point", types_pb2.DT_INT32, "int_val")
     check_quantization(_scalar(inputs, "scale", types_pb2.DT_FLOAT, "float_val"), zp, spec, spec.qdtype)
-    count = math.prod(spec.shape)
-    q = np.stack([unpack_codes(row, count, bits) for row in t.string_val]) + zp
-    info = np.iinfo(DTYPES[spec.qdtype])
-    if q.min() < info.min or q.max() > info.max:
-        raise bad(f"packed codes + zero_point leave the {spec.qdtype} range", "invalid_dtype")
-    return dequantize(q.reshape(shape[0], *spec.shape), spec)
+    rows = [Packed(row, list(spec.shape), bits, zp, spec.qdtype).dequantize(spec) for row in t.string_val]
+    return rows[0][None] if len(rows) == 1 else np.stack(rows)  # the REST rules and the one-lookup dequantization
 
 
 def probs_proto(probs: np.ndarray) -> tensor_pb2.TensorProto:

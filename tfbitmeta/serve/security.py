@@ -82,8 +82,9 @@ class Guard:
         async def limited_receive():
             nonlocal received
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.body_timeout):  # a timer, not a task per read like wait_for
+                    message = await receive()
+            except TimeoutError:
                 raise BodyTimeout(self.body_timeout) from None
             received += len(message.get("body", b""))
             if received > self.limit:
