@@ -166,13 +166,16 @@ def test_make_golden_vectors_are_reproducible(exported, tiny_run, tmp_path):
         entry, path = rt.choose(parse_config(c["bits"]))
         out = rt.load(entry, path)(image=load_pixels(tmp_path / "g" / c["image"], rt.manifest)[None])
         np.testing.assert_allclose(out["exit_probs"][0], c["exit_probs"], atol=1e-6)
-        req = (tmp_path / "g" / c["request"]).read_bytes()
-        assert rt.request_bytes(entry, out["features"], packed=False) == req
+        req = (tmp_path / "g" / c["request"]).read_bytes()  # what the device sends: a-bit codes packed
+        req_int8 = (tmp_path / "g" / c["request_int8"]).read_bytes()
+        assert rt.request_bytes(entry, out["features"]) == req
+        assert rt.request_bytes(entry, out["features"], packed=False) == req_int8
         feat = np.frombuffer((tmp_path / "g" / c["features"]).read_bytes(), "<f4").reshape(out["features"].shape)
         np.testing.assert_array_equal(feat, out["features"])  # what the Android JVM tests encode
-        assert rt.request_bytes(entry, feat, packed=False) == req
+        assert rt.request_bytes(entry, feat) == req
         body = json.loads(req)["inputs"]["features"]
         assert body["dtype"] == ("int8" if c["bits"] == "4" else "float32") and len(base64.b64decode(body["b64"])) > 0
+        assert body.get("bits") == (4 if c["bits"] == "4" else None) == c["packed_bits"]
         resp = json.loads((tmp_path / "g" / c["response"]).read_bytes())
         backend = run_tflite(exported[0] / f"{c['backend']}.tflite", out["features"])["probs"][0]
         np.testing.assert_allclose(resp["outputs"][0], backend, atol=1e-6)
