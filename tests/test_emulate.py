@@ -25,13 +25,16 @@ def test_fixed_point_helpers_match_tflite_rounding():
     # RoundingDivideByPOT rounds ties away from zero
     x = np.array([5, -5, 6, -6, 7, -7])
     np.testing.assert_array_equal(emulate.rounding_divide_by_pot(x, 1), [3, -3, 3, -3, 4, -4])
-    # x 0.25 = high mul by 0.5 (exact here: even inputs) then one rounding shift; the matrix x vector kernel's
-    # variant breaks that shift's ties toward +inf
+    # the doubling high mul breaks ties toward +inf (gemmlowp's nudge): -0.5 -> 0, 0.5 -> 1, -2.5 -> -2
+    np.testing.assert_array_equal(emulate.saturating_rounding_doubling_high_mul(np.array([-1, 1, -5]), 1 << 30),
+                                  [0, 1, -2])
+    # x 0.25 = high mul by 0.5 (exact here: even inputs) then one rounding shift; ruy's GEMM output stage breaks
+    # that shift's ties toward +inf
     m, s = emulate.quantize_multiplier(0.25)
     assert (m, s) == (1 << 30, -1)
     x2 = 2 * x
     np.testing.assert_array_equal(emulate.multiply_by_quantized_multiplier(x2, m, s), [3, -3, 3, -3, 4, -4])
-    np.testing.assert_array_equal(emulate.multiply_by_quantized_multiplier(x2, m, s, ties_up=True), [3, -2, 3, -3, 4, -3])
+    np.testing.assert_array_equal(emulate.multiply_by_quantized_multiplier(x2, m, s, ruy=True), [3, -2, 3, -3, 4, -3])
 
 
 def test_emulation_equals_interpreter_bit_for_bit_at_every_bitwidth_and_exit(run_1bit):
