@@ -163,3 +163,47 @@ def test_w2afp_exports_and_verifies(tiny_run, tmp_path):
     prog = emulate.TfliteProgram((tmp_path / "backend_w2afp_split3.tflite").read_bytes())
     kernels = [t.data for t in prog.tensors if t.data is not None and t.dtype == "float32" and len(t.shape) == 4]
     assert any(len(np.unique(k[0])) <= 3 for k in kernels)
+
+
+def _int8_file(fn, input_shape, seed=0):
+    """``fn`` (float ops on one NHWC input) converted to a full-integer file with random representative data."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    rep = rng.normal(size=(64, *input_shape)).astype(np.float32)
+    module = tf.Module()
+    module.serve = tf.function(fn, input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="x")])
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([rep[i:i + 1]] for i in range(len(rep)))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return conv.convert()
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "depthwise_relu", "add", "conv_signed"])
+def test_kernels_match_the_interpreter_on_signed_outputs(kind):
+    """The kernels a MobileNetV2 uses, on small synthetic files whose outputs are signed (no ReLU hides the rounding of
+    negative ties): depthwise conv (depth multiplier 2, stride 2, 'same'), ADD of two tensors on different scales,
+    a 1x1 conv; bit for bit at batch 1 and batch 16."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    dw = tf.constant(rng.normal(size=(3, 3, 4, 2)).astype(np.float32))
+    k1 = tf.constant(rng.normal(size=(1, 1, 4, 6)).astype(np.float32) * 0.3)
+    k2 = tf.constant(rng.normal(size=(1, 1, 4, 6)).astype(np.float32) * 2.0)
+    b = tf.constant(rng.normal(size=(6,)).astype(np.float32))
+    fns = {
+        "depthwise": lambda x: {"y": tf.nn.depthwise_conv2d(x, dw, (1, 2, 2, 1), "SAME")},
+        "depthwise_relu": lambda x: {"y": tf.nn.relu(tf.nn.depthwise_conv2d(x, dw, (1, 1, 1, 1), "SAME"))},
+        "add": lambda x: {"y": tf.nn.conv2d(x, k1, 1, "VALID") + tf.nn.bias_add(tf.nn.conv2d(x, k2, 1, "VALID"), b)},
+        "conv_signed": lambda x: {"y": tf.nn.bias_add(tf.nn.conv2d(x, k2, 1, "VALID"), b)},
+    }
+    buf = _int8_file(fns[kind], (7, 7, 4))
+    prog = emulate.TfliteProgram(buf)
+    expected_op = {"depthwise": "DEPTHWISE_CONV_2D", "depthwise_relu": "DEPTHWISE_CONV_2D", "add": "ADD",
+                   "conv_signed": "CONV_2D"}[kind]
+    assert expected_op in prog.op_types
+    x = np.random.default_rng(2).normal(size=(200, 7, 7, 4)).astype(np.float32) * 1.5
+    for batch in (1, 16):
+        r = emulate.compare(buf, {"x": x}, batch=batch)
+        assert r["integer"] and r["bit_exact"], (kind, batch, r["outputs"])

@@ -81,8 +81,9 @@ def multiply_by_quantized_multiplier(x: np.ndarray, multiplier, shift, ruy: bool
 
     The first rounding (``SaturatingRoundingDoublingHighMul``; ruy's ``(x * m + 2^30) >> 31``) breaks ties toward
     +inf in every kernel.  The second, the right shift, differs: gemmlowp's ``RoundingDivideByPOT`` breaks ties away
-    from zero (depthwise conv, add, mean, quantize); ``ruy=True`` is the x86 output stage of ruy's int8 GEMM
-    (CONV_2D, FULLY_CONNECTED), ``(r + 2^(e-1)) >> e`` with an arithmetic shift: ties toward +inf.  The two differ
+    from zero (add, mean, quantize); ``ruy=True`` is the x86 output stage of ruy's int8 GEMM (CONV_2D,
+    FULLY_CONNECTED) and of the int8 depthwise kernel, ``(r + 2^(e-1)) >> e`` with an arithmetic shift: ties
+    toward +inf.  The two differ
     only on exact ties of negative values (docs/export.md)."""
     shift = np.asarray(shift, np.int64)
     left = np.maximum(shift, 0)
@@ -358,8 +359,9 @@ def _depthwise(args, tins, tout, opt, ctx):
     if mult != 1:
         win = np.repeat(win, mult, axis=-1)
     acc = np.einsum("nhwijc,ijc->nhwc", win, wv[0], optimize=True)
-    # DepthwiseConvPerChannel (x86: DepthwiseConvGeneral): MultiplyByQuantizedMultiplier per channel (gemmlowp)
-    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, ruy=False)
+    # DepthwiseConvPerChannel rounds its output shift upward (DepthwiseConvOutputRounding::kUpward), as ruy does;
+    # measured on signed outputs (tests/test_emulate.py)
+    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, ruy=True)
 
 
 def _fully_connected(args, tins, tout, opt, ctx):
