@@ -207,3 +207,31 @@ def test_kernels_match_the_interpreter_on_signed_outputs(kind):
     for batch in (1, 16):
         r = emulate.compare(buf, {"x": x}, batch=batch)
         assert r["integer"] and r["bit_exact"], (kind, batch, r["outputs"])
+
+
+def test_add_on_power_of_two_grids_is_exact_and_rounds_as_qlinear():
+    """Two tensors on QLinear grids (scales 2^-4 and 2^-5) added onto a coarser 2^-3 grid: exact ties are common; the
+    interpreter, the reference and the Keras QLinear rounding (half away from zero) give the same codes."""
+    import tensorflow as tf
+
+    from tfbitmeta.quant.layers import round_half_away
+
+    def grid(x, s):
+        return tf.quantization.fake_quant_with_min_max_args(x, min=-128 * s, max=127 * s, num_bits=8)
+
+    k = tf.constant(np.random.default_rng(3).normal(size=(1, 1, 4, 4)).astype(np.float32))
+    fn = lambda x: {"y": grid(grid(x, 2 ** -4) + grid(tf.nn.conv2d(x, k, 1, "VALID"), 2 ** -5), 2 ** -3)}  # noqa: E731
+    buf = _int8_file(fn, (5, 5, 4))
+    x = np.random.default_rng(4).normal(size=(100, 5, 5, 4)).astype(np.float32) * 2
+    r = emulate.compare(buf, {"x": x})
+    assert r["bit_exact"] and "ADD" in r["ops"], r["outputs"]
+    # what the Keras side computes: each operand on its grid (its int8 code from the file), the sum rounded
+    prog = emulate.TfliteProgram(buf)
+    values = prog.run({"x": x}, keep=True)["_values"]
+    add = next(op for op in prog.ops if op[0] == "ADD")
+    a, b = (values[i].astype(np.float64) * float(prog.tensors[i].scale[0]) for i in add[1])
+    assert {float(prog.tensors[i].scale[0]) for i in add[1]} == {2 ** -4, 2 ** -5}
+    want = np.clip(round_half_away(tf.constant((a + b) / 2 ** -3)).numpy(), -128, 127)
+    ties = np.mean(np.abs(((a + b) / 2 ** -3) % 1 - 0.5) < 1e-9)
+    assert ties > 0.05  # the case the rounding rule decides
+    np.testing.assert_array_equal(values[add[2][0]], want)

@@ -207,6 +207,64 @@ class QReLU(_BitMixin, tf.keras.layers.Layer):
         return _x_shape(input_shape)
 
 
+def config_slot(table, bits):
+    """The slot of the configuration in the ``bits`` input in a per-configuration variable (``BitSpace.slot_table``)."""
+    return tf.constant(table)[tf.cast(bits[0, 0], tf.int32), tf.cast(bits[0, 1], tf.int32)]
+
+
+LINEAR_CODES = (-128, 127)
+"""The int8 codes of a :class:`QLinear` grid (zero point 0)."""
+
+
+def round_half_away(x):
+    """Round to nearest, ties away from zero (TFLite's ``RoundingDivideByPOT``, e.g. in its int8 ADD)."""
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+
+
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
+class QLinear(_BitMixin, tf.keras.layers.Layer):
+    __doc__ = f"""8-bit quantization of a signed tensor that has no activation (a MobileNetV2 linear bottleneck, a
+    residual sum), on the grid the integer model stores it on: ``s * q``, ``q`` in [-128, 127], zero point 0.
+
+    Called on ``[x, bits]``.  ``s`` is a power of two per configuration of the candidate set (a ``scale`` slot, as
+    :class:`BitBatchNorm`'s statistics), set after training by
+    :func:`tfbitmeta.quant.calibration.calibrate_ranges` to the smallest one holding the largest ``|x|`` seen.
+    With power-of-two scales TFLite's int8 ADD of two such tensors is exact up to its final rounding, which is
+    half away from zero as here, so the Keras model and the integer file compute the same codes
+    (docs/export.md, "Linear tensors").  Identity in training, at full-precision activations and while the
+    slot is uncalibrated (0).
+
+    Args:
+        {_BIT_ARGS}
+        **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
+    """
+
+    def __init__(self, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_bits(scheme, precision, candidates)
+
+    def build(self, input_shape):
+        n = len(self.candidates.configs)
+        self.scale = self.add_weight("scale", shape=(n,), initializer="zeros", trainable=False)
+        self._slot_table = self.candidates.slot_table()
+
+    def slot(self, bits):
+        """The scale slot of the configuration in the ``bits`` input (a scalar int tensor)."""
+        return config_slot(self._slot_table, bits)
+
+    def call(self, inputs, training=None):
+        x, bits = inputs
+        if training:
+            return x
+        s = tf.gather(self.scale, self.slot(bits))
+        lo, hi = LINEAR_CODES
+        q = s * tf.clip_by_value(round_half_away(tf.math.divide_no_nan(x, s)), float(lo), float(hi))
+        return tf.where(tf.logical_and(s > 0.0, self.act_bits(bits) < FP), q, x)
+
+    def compute_output_shape(self, input_shape):
+        return _x_shape(input_shape)
+
+
 STATISTICS = ("batch", "calibrated", "accumulate")
 """What a :class:`BitBatchNorm` normalizes with at inference: ``batch`` statistics, its ``calibrated`` per-bitwidth
 slot, or batch statistics while ``accumulate``-ing them into the slot (calibration)."""
@@ -256,7 +314,7 @@ class BitBatchNorm(tf.keras.layers.Layer):
 
     def slot(self, bits):
         """The statistics slot of the configuration in the ``bits`` input (a scalar int tensor)."""
-        return tf.constant(self._slot_table)[tf.cast(bits[0, 0], tf.int32), tf.cast(bits[0, 1], tf.int32)]
+        return config_slot(self._slot_table, bits)
 
     def normalize(self, inputs, training=None, statistics: str = "calibrated", weight: float = 0.0):
         """Normalize ``[x, bits]`` with explicit inference ``statistics`` (one of :data:`STATISTICS`); training
@@ -323,6 +381,6 @@ def pytorch_kernel_init():
     return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-CUSTOM_OBJECTS = {c.__name__: c for c in (QConv2D, QDepthwiseConv2D, QDense, QReLU, BitBatchNorm)}
+CUSTOM_OBJECTS = {c.__name__: c for c in (QConv2D, QDepthwiseConv2D, QDense, QReLU, QLinear, BitBatchNorm)}
 """Compatibility alias: the layers are registered with Keras (package ``tfbitmeta``), so ``load_model`` needs no
 ``custom_objects``; passing this dict still works."""
