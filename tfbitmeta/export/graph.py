@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.emulate import quantize_multiplier
 from tfbitmeta.models.dropout import CheckpointedDropout
 from tfbitmeta.quant.bitwidth import FP, Config
 from tfbitmeta.quant.layers import LINEAR_CODES, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QLinear, QReLU
@@ -259,6 +260,36 @@ class ExportGraph:
             return None
         return np.float32(s_in) * scale.astype(np.float32)
 
+    def requant_shift(self, layer):
+        """(quantizer, per-channel right shift of TFLite's requantization) for a quantized conv whose input and
+        output grids the export fixes (conv -> [folded BN] -> [max-pool] -> QReLU / QLinear), else None."""
+        grid = self.bias_grid(layer)
+        if grid is None:
+            return None
+        nxt = layer
+        while True:
+            cons = _consumers(nxt, self.model)
+            if len(cons) != 1:
+                return None
+            nxt = cons[0]
+            if not (isinstance(nxt, BitBatchNorm) and self._folded_bn(layer) is nxt) and \
+                    not isinstance(nxt, tf.keras.layers.MaxPool2D):
+                break
+        if isinstance(nxt, QReLU):
+            bits = self._act_bits[id(nxt)]
+            s_out = None if bits >= FP else 1.0 / (2.0 ** bits - 1.0)
+        elif isinstance(nxt, QLinear):
+            s_out = self._linear[id(nxt)]
+        else:
+            return None
+        if s_out is None:
+            return None
+        # the file's float32 scales, as the interpreter computes the multiplier from them
+        s_in = np.float32(self.input_scale(layer))
+        s_w = self._kernels[id(layer)][2].astype(np.float32)
+        real = [float(s_in) * float(w) / float(np.float32(s_out)) for w in s_w]
+        return nxt, np.array([max(-quantize_multiplier(r)[1], 0) for r in real], np.float64)
+
     # -- activations ------------------------------------------------------------------------------------
     def act_quant(self, layer: QReLU, x):
         bits = self._act_bits[id(layer)]
@@ -346,7 +377,9 @@ class ExportGraph:
 @contextlib.contextmanager
 def aligned_biases(model: tf.keras.Model, cfg: Config, normalization=None, int4: bool = True,
                    report: list | None = None):
-    """Within the block, ``model`` at ``cfg`` has each folded bias on the TFLite int32 bias grid (module doc).
+    """Within the block, ``model`` at ``cfg`` has each folded bias on the TFLite int32 bias grid (module doc), and
+    each quantizer written by an integer conv rounds twice as that conv's requantization does
+    (``requant_shift``, :class:`tfbitmeta.quant.layers.QReLU`): the Keras model then computes the file's codes.
 
     A BN-folded layer moves the BN mean of ``cfg``'s slot; a layer without BN moves its own bias (shared by
     every configuration, hence export one configuration per block).  Variables are restored on exit.  ``report``
@@ -382,6 +415,14 @@ def aligned_biases(model: tf.keras.Model, cfg: Config, normalization=None, int4:
             if report is not None:
                 report.append({"layer": layer.name, "max_bias_steps": float(np.max(np.abs(delta / grid))),
                                "max_bn_std": moved_std})
+        for layer in model.layers:
+            if isinstance(layer, QUANT_LAYERS):
+                requant = g.requant_shift(layer)
+                if requant is not None:
+                    target, right = requant
+                    slot = target.candidates.slot(g.cfg)
+                    saved.append((target.requant_shift, target.requant_shift.numpy().copy()))
+                    target.requant_shift.scatter_nd_update([[slot]], [right.astype(np.float32)])
         yield
     finally:
         for var, value in reversed(saved):

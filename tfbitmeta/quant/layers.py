@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tfbitmeta.errors import BadArgument
 from tfbitmeta.quant.bitwidth import FP, BitSpace
-from tfbitmeta.quant.quantizers import DEFAULT_SCHEME, get_scheme
+from tfbitmeta.quant.quantizers import DEFAULT_SCHEME, get_scheme, levels
 
 ADAPTIVE = "adaptive"
 
@@ -184,11 +184,50 @@ class QDense(_QuantizedKernel, tf.keras.layers.Dense):
         return tf.matmul(x, kernel)
 
 
+class _Untracked:
+    """Holds a variable out of sight of Keras and checkpoint tracking."""
+
+    __slots__ = ("var",)
+
+    def __init__(self, var):
+        self.var = var
+
+
+class _Requantized:
+    """What a quantizer downstream of an integer conv needs to round as the deployed kernel does.
+
+    TFLite requantizes a conv's int32 accumulator with a fixed-point multiplier and *two* roundings: first to
+    ``2^-r`` output steps, then to a whole step (both ties toward +inf on x86; docs/export.md).  With the small
+    accumulators of low-bit layers ``r`` is 2-4 and the first rounding moves ~8 % of the outputs of a depthwise
+    conv by one step.  ``requant_shift`` holds ``r`` per configuration slot and output channel (-1: unknown, round
+    once); the export sets it while it aligns the biases (``tfbitmeta.export.graph.aligned_biases``), so the Keras
+    model it verifies against computes the file's codes.  Not saved with the weights."""
+
+    def _build_requant(self, input_shape):
+        c = int(_x_shape(input_shape)[-1])
+        with tf.init_scope():  # export-time state: held outside Keras' weights, so checkpoints do not change
+            self._requant = _Untracked(tf.Variable(tf.fill([len(self.candidates.configs), c], -1.0),
+                                                   trainable=False, name=f"{self.name}_requant_shift"))
+        self._slot_table = self.candidates.slot_table()
+
+    @property
+    def requant_shift(self) -> tf.Variable:
+        return self._requant.var
+
+    def _deployed_steps(self, v, bits):
+        """(known, steps): per channel whether the shift is known, and ``v`` (in output steps) rounded twice."""
+        r = tf.gather(self.requant_shift, config_slot(self._slot_table, bits))
+        p = tf.pow(tf.constant(2.0, tf.float64), tf.cast(tf.maximum(r, 0.0), tf.float64))
+        steps = tf.floor(tf.floor(tf.cast(v, tf.float64) * p + 0.5) / p + 0.5)
+        return r >= 0.0, tf.cast(steps, v.dtype)
+
+
 @tf.keras.utils.register_keras_serializable(package="tfbitmeta")
-class QReLU(_BitMixin, tf.keras.layers.Layer):
+class QReLU(_Requantized, _BitMixin, tf.keras.layers.Layer):
     __doc__ = f"""ReLU followed by activation quantization at the activation bitwidth (plain ReLU at FP).
 
-    Called on ``[x, bits]``.
+    Called on ``[x, bits]``.  At inference, a channel with a known ``requant_shift`` rounds as the integer kernel
+    that writes it (:class:`_Requantized`).
 
     Args:
         {_BIT_ARGS}
@@ -199,9 +238,19 @@ class QReLU(_BitMixin, tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self._init_bits(scheme, precision, candidates)
 
-    def call(self, inputs):
+    def build(self, input_shape):
+        self._build_requant(input_shape)
+
+    def call(self, inputs, training=None):
         x, bits = inputs
-        return self.scheme.quantize_activation(x, self.act_bits(bits))
+        a = self.act_bits(bits)
+        q = self.scheme.quantize_activation(x, a)
+        if training:
+            return q
+        n = levels(a)
+        known, steps = self._deployed_steps(x * n, bits)
+        deployed = tf.clip_by_value(steps, 0.0, n) / n
+        return tf.where(tf.logical_and(known, a < FP), deployed, q)
 
     def compute_output_shape(self, input_shape):
         return _x_shape(input_shape)
@@ -222,7 +271,7 @@ def round_half_away(x):
 
 
 @tf.keras.utils.register_keras_serializable(package="tfbitmeta")
-class QLinear(_BitMixin, tf.keras.layers.Layer):
+class QLinear(_Requantized, _BitMixin, tf.keras.layers.Layer):
     __doc__ = f"""8-bit quantization of a signed tensor that has no activation (a MobileNetV2 linear bottleneck, a
     residual sum), on the grid the integer model stores it on: ``s * q``, ``q`` in [-128, 127], zero point 0.
 
@@ -246,7 +295,7 @@ class QLinear(_BitMixin, tf.keras.layers.Layer):
     def build(self, input_shape):
         n = len(self.candidates.configs)
         self.scale = self.add_weight("scale", shape=(n,), initializer="zeros", trainable=False)
-        self._slot_table = self.candidates.slot_table()
+        self._build_requant(input_shape)
 
     def slot(self, bits):
         """The scale slot of the configuration in the ``bits`` input (a scalar int tensor)."""
@@ -257,8 +306,10 @@ class QLinear(_BitMixin, tf.keras.layers.Layer):
         if training:
             return x
         s = tf.gather(self.scale, self.slot(bits))
+        v = tf.math.divide_no_nan(x, s)
+        known, deployed = self._deployed_steps(v, bits)
         lo, hi = LINEAR_CODES
-        q = s * tf.clip_by_value(round_half_away(tf.math.divide_no_nan(x, s)), float(lo), float(hi))
+        q = s * tf.clip_by_value(tf.where(known, deployed, round_half_away(v)), float(lo), float(hi))
         return tf.where(tf.logical_and(s > 0.0, self.act_bits(bits) < FP), q, x)
 
     def compute_output_shape(self, input_shape):
