@@ -385,7 +385,7 @@ def aligned_biases(model: tf.keras.Model, cfg: Config, normalization=None, int4:
     every configuration, hence export one configuration per block).  Variables are restored on exit.  ``report``
     collects per layer the largest move in units of the bias step (<= 0.5) and of the BN standard deviation."""
     g = ExportGraph(model, cfg, normalization, int4)
-    saved = []
+    saved, requants = [], []
     try:
         for layer in model.layers:
             if not isinstance(layer, QUANT_LAYERS):
@@ -420,10 +420,13 @@ def aligned_biases(model: tf.keras.Model, cfg: Config, normalization=None, int4:
                 requant = g.requant_shift(layer)
                 if requant is not None:
                     target, right = requant
-                    slot = target.candidates.slot(g.cfg)
-                    saved.append((target.requant_shift, target.requant_shift.numpy().copy()))
-                    target.requant_shift.scatter_nd_update([[slot]], [right.astype(np.float32)])
+                    shifts = target.requant_shift.copy()
+                    shifts[target.candidates.slot(g.cfg)] = right
+                    requants.append((target, target.requant_shift))
+                    target.requant_shift = shifts
         yield
     finally:
         for var, value in reversed(saved):
             var.assign(value)
+        for layer, shifts in reversed(requants):
+            layer.requant_shift = shifts

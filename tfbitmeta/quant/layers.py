@@ -8,6 +8,7 @@ reference (docs/method.md, "Tasks").
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.errors import BadArgument
@@ -184,15 +185,6 @@ class QDense(_QuantizedKernel, tf.keras.layers.Dense):
         return tf.matmul(x, kernel)
 
 
-class _Untracked:
-    """Holds a variable out of sight of Keras and checkpoint tracking."""
-
-    __slots__ = ("var",)
-
-    def __init__(self, var):
-        self.var = var
-
-
 class _Requantized:
     """What a quantizer downstream of an integer conv needs to round as the deployed kernel does.
 
@@ -201,22 +193,18 @@ class _Requantized:
     accumulators of low-bit layers ``r`` is 2-4 and the first rounding moves ~8 % of the outputs of a depthwise
     conv by one step.  ``requant_shift`` holds ``r`` per configuration slot and output channel (-1: unknown, round
     once); the export sets it while it aligns the biases (``tfbitmeta.export.graph.aligned_biases``), so the Keras
-    model it verifies against computes the file's codes.  Not saved with the weights."""
+    model it verifies against computes the file's codes."""
 
     def _build_requant(self, input_shape):
         c = int(_x_shape(input_shape)[-1])
-        with tf.init_scope():  # export-time state: held outside Keras' weights, so checkpoints do not change
-            self._requant = _Untracked(tf.Variable(tf.fill([len(self.candidates.configs), c], -1.0),
-                                                   trainable=False, name=f"{self.name}_requant_shift"))
+        # export-time state, a numpy array: no Keras weight (checkpoints and SavedModels unchanged); read when the
+        # layer is called, so a function traced inside ``aligned_biases`` keeps the shifts of that block
+        self.requant_shift = np.full((len(self.candidates.configs), c), -1.0, np.float32)
         self._slot_table = self.candidates.slot_table()
-
-    @property
-    def requant_shift(self) -> tf.Variable:
-        return self._requant.var
 
     def _deployed_steps(self, v, bits):
         """(known, steps): per channel whether the shift is known, and ``v`` (in output steps) rounded twice."""
-        r = tf.gather(self.requant_shift, config_slot(self._slot_table, bits))
+        r = tf.gather(tf.constant(self.requant_shift), config_slot(self._slot_table, bits))
         p = tf.pow(tf.constant(2.0, tf.float64), tf.cast(tf.maximum(r, 0.0), tf.float64))
         steps = tf.floor(tf.floor(tf.cast(v, tf.float64) * p + 0.5) / p + 0.5)
         return r >= 0.0, tf.cast(steps, v.dtype)
