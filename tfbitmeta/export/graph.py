@@ -307,18 +307,34 @@ class ExportGraph:
         memo = dict(given)
         self.used = []  # quantized layers this graph contains (for the size report)
 
-        def ev(kt):
-            key = id(kt)
-            if key in memo:
-                return memo[key]
-            layer = _producer(kt)
-            if isinstance(layer, tf.keras.layers.InputLayer):
-                if layer.name == "bits":
-                    return tf.constant(self.bits_value)
-                raise TfbitmetaError(f"export: no value for input {layer.name!r}")
-            ins = _inputs_of_tensor(kt)
-            memo[key] = self.apply(layer, ins, ev)
-            return memo[key]
+        def deps(layer, ins):
+            """The Keras tensors ``apply`` evaluates for ``layer`` (a QReLU after a max-pool reads the pool's input)."""
+            if isinstance(layer, QReLU) and isinstance(_producer(ins[0]), tf.keras.layers.MaxPool2D):
+                return [_inputs_of_tensor(ins[0])[0], *ins[1:]]
+            return ins
+
+        def ev(root):
+            # depth-first with an explicit stack: a deep model (MobileNetV2's backend) exceeds Python's recursion limit
+            stack = [root]
+            while stack:
+                kt = stack[-1]
+                if id(kt) in memo:
+                    stack.pop()
+                    continue
+                layer = _producer(kt)
+                if isinstance(layer, tf.keras.layers.InputLayer):
+                    if layer.name != "bits":
+                        raise TfbitmetaError(f"export: no value for input {layer.name!r}")
+                    memo[id(kt)] = tf.constant(self.bits_value)
+                    continue
+                ins = _inputs_of_tensor(kt)
+                missing = [t for t in deps(layer, ins) if id(t) not in memo]
+                if missing:
+                    stack.extend(missing)
+                    continue
+                memo[id(kt)] = self.apply(layer, ins, ev)
+                stack.pop()
+            return memo[id(root)]
 
         return {k: ev(v) for k, v in outputs.items()}
 
