@@ -210,8 +210,19 @@ class _Requantized:
         return r >= 0.0, tf.cast(steps, v.dtype)
 
 
+class _ActivationQuantizer(_Requantized, _BitMixin, tf.keras.layers.Layer):
+    """Shared plumbing of the quantizers called on ``[x, bits]`` that keep ``x``'s shape."""
+
+    def __init__(self, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_bits(scheme, precision, candidates)
+
+    def compute_output_shape(self, input_shape):
+        return _x_shape(input_shape)
+
+
 @tf.keras.utils.register_keras_serializable(package="tfbitmeta")
-class QReLU(_Requantized, _BitMixin, tf.keras.layers.Layer):
+class QReLU(_ActivationQuantizer):
     __doc__ = f"""ReLU followed by activation quantization at the activation bitwidth (plain ReLU at FP).
 
     Called on ``[x, bits]``.  At inference, a channel with a known ``requant_shift`` rounds as the integer kernel
@@ -221,10 +232,6 @@ class QReLU(_Requantized, _BitMixin, tf.keras.layers.Layer):
         {_BIT_ARGS}
         **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
     """
-
-    def __init__(self, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
-        super().__init__(**kwargs)
-        self._init_bits(scheme, precision, candidates)
 
     def build(self, input_shape):
         self._build_requant(input_shape)
@@ -239,9 +246,6 @@ class QReLU(_Requantized, _BitMixin, tf.keras.layers.Layer):
         known, steps = self._deployed_steps(x * n, bits)
         deployed = tf.clip_by_value(steps, 0.0, n) / n
         return tf.where(tf.logical_and(known, a < FP), deployed, q)
-
-    def compute_output_shape(self, input_shape):
-        return _x_shape(input_shape)
 
 
 def config_slot(table, bits):
@@ -259,7 +263,7 @@ def round_half_away(x):
 
 
 @tf.keras.utils.register_keras_serializable(package="tfbitmeta")
-class QLinear(_Requantized, _BitMixin, tf.keras.layers.Layer):
+class QLinear(_ActivationQuantizer):
     __doc__ = f"""8-bit quantization of a signed tensor that has no activation (a MobileNetV2 linear bottleneck, a
     residual sum), on the grid the integer model stores it on: ``s * q``, ``q`` in [-128, 127], zero point 0.
 
@@ -275,10 +279,6 @@ class QLinear(_Requantized, _BitMixin, tf.keras.layers.Layer):
         {_BIT_ARGS}
         **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
     """
-
-    def __init__(self, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
-        super().__init__(**kwargs)
-        self._init_bits(scheme, precision, candidates)
 
     def build(self, input_shape):
         n = len(self.candidates.configs)
@@ -299,9 +299,6 @@ class QLinear(_Requantized, _BitMixin, tf.keras.layers.Layer):
         lo, hi = LINEAR_CODES
         q = s * tf.clip_by_value(tf.where(known, deployed, round_half_away(v)), float(lo), float(hi))
         return tf.where(tf.logical_and(s > 0.0, self.act_bits(bits) < FP), q, x)
-
-    def compute_output_shape(self, input_shape):
-        return _x_shape(input_shape)
 
 
 STATISTICS = ("batch", "calibrated", "accumulate")
