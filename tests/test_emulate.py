@@ -25,13 +25,16 @@ def test_fixed_point_helpers_match_tflite_rounding():
     # RoundingDivideByPOT rounds ties away from zero
     x = np.array([5, -5, 6, -6, 7, -7])
     np.testing.assert_array_equal(emulate.rounding_divide_by_pot(x, 1), [3, -3, 3, -3, 4, -4])
-    # x 0.25 = high mul by 0.5 (exact here: even inputs) then one rounding shift; the matrix x vector kernel's
-    # variant breaks that shift's ties toward +inf
+    # the doubling high mul breaks ties toward +inf (gemmlowp's nudge): -0.5 -> 0, 0.5 -> 1, -2.5 -> -2
+    np.testing.assert_array_equal(emulate.saturating_rounding_doubling_high_mul(np.array([-1, 1, -5]), 1 << 30),
+                                  [0, 1, -2])
+    # x 0.25 = high mul by 0.5 (exact here: even inputs) then one rounding shift; ruy's GEMM output stage breaks
+    # that shift's ties toward +inf
     m, s = emulate.quantize_multiplier(0.25)
     assert (m, s) == (1 << 30, -1)
     x2 = 2 * x
     np.testing.assert_array_equal(emulate.multiply_by_quantized_multiplier(x2, m, s), [3, -3, 3, -3, 4, -4])
-    np.testing.assert_array_equal(emulate.multiply_by_quantized_multiplier(x2, m, s, ties_up=True), [3, -2, 3, -3, 4, -3])
+    np.testing.assert_array_equal(emulate.multiply_by_quantized_multiplier(x2, m, s, ruy=True), [3, -2, 3, -3, 4, -3])
 
 
 def test_emulation_equals_interpreter_bit_for_bit_at_every_bitwidth_and_exit(run_1bit):
@@ -160,3 +163,75 @@ def test_w2afp_exports_and_verifies(tiny_run, tmp_path):
     prog = emulate.TfliteProgram((tmp_path / "backend_w2afp_split3.tflite").read_bytes())
     kernels = [t.data for t in prog.tensors if t.data is not None and t.dtype == "float32" and len(t.shape) == 4]
     assert any(len(np.unique(k[0])) <= 3 for k in kernels)
+
+
+def _int8_file(fn, input_shape, seed=0):
+    """``fn`` (float ops on one NHWC input) converted to a full-integer file with random representative data."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    rep = rng.normal(size=(64, *input_shape)).astype(np.float32)
+    module = tf.Module()
+    module.serve = tf.function(fn, input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="x")])
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([rep[i:i + 1]] for i in range(len(rep)))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return conv.convert()
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "depthwise_relu", "add", "conv_signed"])
+def test_kernels_match_the_interpreter_on_signed_outputs(kind):
+    """The kernels a MobileNetV2 uses, on small synthetic files whose outputs are signed (no ReLU hides the rounding of
+    negative ties): depthwise conv (depth multiplier 2, stride 2, 'same'), ADD of two tensors on different scales,
+    a 1x1 conv; bit for bit at batch 1 and batch 16."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    dw = tf.constant(rng.normal(size=(3, 3, 4, 2)).astype(np.float32))
+    k1 = tf.constant(rng.normal(size=(1, 1, 4, 6)).astype(np.float32) * 0.3)
+    k2 = tf.constant(rng.normal(size=(1, 1, 4, 6)).astype(np.float32) * 2.0)
+    b = tf.constant(rng.normal(size=(6,)).astype(np.float32))
+    fns = {
+        "depthwise": lambda x: {"y": tf.nn.depthwise_conv2d(x, dw, (1, 2, 2, 1), "SAME")},
+        "depthwise_relu": lambda x: {"y": tf.nn.relu(tf.nn.depthwise_conv2d(x, dw, (1, 1, 1, 1), "SAME"))},
+        "add": lambda x: {"y": tf.nn.conv2d(x, k1, 1, "VALID") + tf.nn.bias_add(tf.nn.conv2d(x, k2, 1, "VALID"), b)},
+        "conv_signed": lambda x: {"y": tf.nn.bias_add(tf.nn.conv2d(x, k2, 1, "VALID"), b)},
+    }
+    buf = _int8_file(fns[kind], (7, 7, 4))
+    prog = emulate.TfliteProgram(buf)
+    expected_op = {"depthwise": "DEPTHWISE_CONV_2D", "depthwise_relu": "DEPTHWISE_CONV_2D", "add": "ADD",
+                   "conv_signed": "CONV_2D"}[kind]
+    assert expected_op in prog.op_types
+    x = np.random.default_rng(2).normal(size=(200, 7, 7, 4)).astype(np.float32) * 1.5
+    for batch in (1, 16):
+        r = emulate.compare(buf, {"x": x}, batch=batch)
+        assert r["integer"] and r["bit_exact"], (kind, batch, r["outputs"])
+
+
+def test_add_on_power_of_two_grids_is_exact_and_rounds_as_qlinear():
+    """Two tensors on QLinear grids (scales 2^-4 and 2^-5) added onto a coarser 2^-3 grid: exact ties are common; the
+    interpreter, the reference and the Keras QLinear rounding (half away from zero) give the same codes."""
+    import tensorflow as tf
+
+    from tfbitmeta.quant.layers import round_half_away
+
+    def grid(x, s):
+        return tf.quantization.fake_quant_with_min_max_args(x, min=-128 * s, max=127 * s, num_bits=8)
+
+    k = tf.constant(np.random.default_rng(3).normal(size=(1, 1, 4, 4)).astype(np.float32))
+    fn = lambda x: {"y": grid(grid(x, 2 ** -4) + grid(tf.nn.conv2d(x, k, 1, "VALID"), 2 ** -5), 2 ** -3)}  # noqa: E731
+    buf = _int8_file(fn, (5, 5, 4))
+    x = np.random.default_rng(4).normal(size=(100, 5, 5, 4)).astype(np.float32) * 2
+    r = emulate.compare(buf, {"x": x})
+    assert r["bit_exact"] and "ADD" in r["ops"], r["outputs"]
+    # what the Keras side computes: each operand on its grid (its int8 code from the file), the sum rounded
+    prog = emulate.TfliteProgram(buf)
+    values = prog.run({"x": x}, keep=True)["_values"]
+    add = next(op for op in prog.ops if op[0] == "ADD")
+    a, b = (values[i].astype(np.float64) * float(prog.tensors[i].scale[0]) for i in add[1])
+    assert {float(prog.tensors[i].scale[0]) for i in add[1]} == {2 ** -4, 2 ** -5}
+    want = np.clip(round_half_away(tf.constant((a + b) / 2 ** -3)).numpy(), -128, 127)
+    ties = np.mean(np.abs(((a + b) / 2 ** -3) % 1 - 0.5) < 1e-9)
+    assert ties > 0.05  # the case the rounding rule decides
+    np.testing.assert_array_equal(values[add[2][0]], want)

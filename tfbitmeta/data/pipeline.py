@@ -23,7 +23,9 @@ class Normalization:
     @classmethod
     def fit(cls, x_uint8: np.ndarray, image_size=None) -> "Normalization":
         x = x_uint8.astype(np.float32) / 255.0
-        mean = x.mean(axis=(0, 1, 2))
+        # a whole pixel value: the normalized image's zero is then a pixel value, so a 'same' first conv's zero
+        # padding is exactly the export's pad with the mean pixel (docs/export.md, "First layer")
+        mean = np.round(x.mean(axis=(0, 1, 2)) * 255.0) / 255.0
         std = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
         size = list(image_size) if image_size else list(x_uint8.shape[1:3])
         return cls([float(m) for m in mean], [float(s) for s in std], [int(s) for s in size])

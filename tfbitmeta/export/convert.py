@@ -81,7 +81,8 @@ class Part(tf.Module):
             spec = tf.TensorSpec([None, *feats_kt.shape[1:]], tf.float32, name="features")
 
             def serve(f):
-                out = self.graph.evaluate({"logits": bm.keras.output["logits"]}, {id(feats_kt): f})
+                out = self.graph.evaluate({"logits": bm.keras.output["logits"]},
+                                          {id(feats_kt): self.graph.pin_input(feats_kt, f)})
                 return {"probs": tf.nn.softmax(out["logits"])}
         # no autograph: the graph walk is plain Python over layers (no tensor control flow), and autograph's frames
         # per call overflow the recursion limit on deep models (MobileNetV2 at width 1)

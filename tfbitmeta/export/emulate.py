@@ -54,7 +54,8 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
 
 
 def saturating_rounding_doubling_high_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """High 32 bits of 2*a*b, rounded to nearest (ties away from zero), as gemmlowp does it.
+    """High 32 bits of 2*a*b, rounded to nearest, as gemmlowp does it (its nudge of 1 - 2^30 for negative products
+    makes ties round toward +inf on both sides: 0.5 -> 1, -0.5 -> 0).
 
     Branch-free int64 arithmetic (in place: the arrays are whole feature maps): ``x >> 63`` is -1 for negative x
     and 0 otherwise, which selects the negative nudge and turns the floor of ``>>`` into C++'s truncation."""
@@ -82,11 +83,15 @@ def rounding_divide_by_pot(x: np.ndarray, exponent) -> np.ndarray:
     return (x >> exponent) + (remainder > threshold)
 
 
-def multiply_by_quantized_multiplier(x: np.ndarray, multiplier, shift, ties_up: bool = False) -> np.ndarray:
+def multiply_by_quantized_multiplier(x: np.ndarray, multiplier, shift, ruy: bool = False) -> np.ndarray:
     """TFLite's ``MultiplyByQuantizedMultiplier``: the requantization of an int32 accumulator (double rounding).
 
-    ``ties_up``: the second rounding breaks ties toward +inf instead of away from zero, as ruy's single-column
-    (matrix x vector) int8 kernel does; measured on TF 2.14's x86 interpreter (docs/export.md)."""
+    The first rounding (``SaturatingRoundingDoublingHighMul``; ruy's ``(x * m + 2^30) >> 31``) breaks ties toward
+    +inf in every kernel.  The second, the right shift, differs: gemmlowp's ``RoundingDivideByPOT`` breaks ties away
+    from zero (add, mean, quantize); ``ruy=True`` is the x86 output stage of ruy's int8 GEMM (CONV_2D,
+    FULLY_CONNECTED) and of the int8 depthwise kernel, ``(r + 2^(e-1)) >> e`` with an arithmetic shift: ties
+    toward +inf.  The two differ
+    only on exact ties of negative values (docs/export.md)."""
     shift = np.asarray(shift, np.int64)
     left = np.maximum(shift, 0)
     right = np.maximum(-shift, 0)
@@ -94,7 +99,7 @@ def multiply_by_quantized_multiplier(x: np.ndarray, multiplier, shift, ties_up: 
     if np.any(left):
         x = x * (np.int64(1) << left)
     high = saturating_rounding_doubling_high_mul(x, multiplier)
-    if ties_up:
+    if ruy:
         half = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), np.int64(0))
         high += half
         high >>= right
@@ -200,11 +205,11 @@ class TfliteProgram:
                 return src
         return idx if self.tensors[idx].quantized else None
 
-    def run(self, feeds: dict[str, np.ndarray], keep: bool = False, invocation_batch: int | None = 1) -> dict:
+    def run(self, feeds: dict[str, np.ndarray], keep: bool = False) -> dict:
         """Float outputs by signature name; with ``keep`` also ``"_values"``: every tensor's value (int8 tensors as
-        their integer codes).  ``invocation_batch``: the batch the interpreter is invoked with (1 = one image per
-        call, as on a device; None = the whole feed at once), which selects the GEMM kernel and its rounding."""
-        ctx = {"batch": invocation_batch}
+        their integer codes).  Images are independent: the result does not depend on how many the interpreter is
+        invoked with at once."""
+        ctx: dict = {}
         values: dict[int, np.ndarray] = {}
         for name, idx in self.inputs.items():
             values[idx] = np.asarray(feeds[name])
@@ -288,15 +293,15 @@ def _windows(x, kh, kw, sh, sw, dh, dw, padding, pad_value=0.0):
     return np.moveaxis(v, 3, -1)                              # (N, OH, OW, kh, kw, C)
 
 
-def _per_channel_requant(acc, tin, tw, tout, fused, columns: int):
+def _per_channel_requant(acc, tin, tw, tout, fused, ruy: bool):
     """int32 accumulator -> output codes (PopulateConvolutionQuantizationParams + the output stage).
-    ``columns``: how many columns the kernel's GEMM has per invocation (1 selects ruy's matrix x vector kernel)."""
+    ``ruy``: the kernel is a ruy GEMM (conv, fully connected), whose output stage rounds ties toward +inf."""
     s_in = float(tin.scale[0])
     s_out = float(tout.scale[0])
     ws = tw.scale if len(tw.scale) > 1 else np.repeat(tw.scale, acc.shape[-1])
     mults, shifts = zip(*(quantize_multiplier(s_in * float(s) / s_out) for s in ws))
     y = multiply_by_quantized_multiplier(acc, np.asarray(mults, np.int64), np.asarray(shifts, np.int64),
-                                         ties_up=columns == 1)
+                                         ruy=ruy)
     y = y + int(tout.zero_point[0])
     lo, hi = _act_range(tout, fused)
     return np.clip(y, lo, hi).astype(_NP[tout.dtype.upper()])
@@ -319,14 +324,14 @@ def _is_int(tin: Tensor) -> bool:
     return tin.dtype in ("int8", "uint8", "int16")
 
 
-def _output_stage(acc, args, tins, tout, fused, integer: bool, columns: int):
+def _output_stage(acc, args, tins, tout, fused, integer: bool, ruy: bool):
     """Accumulator + bias -> output: requantized codes for integer kernels, float (+ activation) otherwise."""
     b = _bias(args, tins)
     if integer:
         acc = np.rint(acc).astype(np.int64)
         if b is not None:
             acc = acc + np.asarray(b, np.int64)
-        return _per_channel_requant(acc, tins[0], tins[1], tout, fused, columns)
+        return _per_channel_requant(acc, tins[0], tins[1], tout, fused, ruy)
     if b is not None:
         acc = acc + np.asarray(b, np.float64)
     return _float_act(acc, fused).astype(np.float32)
@@ -347,8 +352,7 @@ def _conv2d(args, tins, tout, opt, ctx):
     o, kh, kw, i = wv.shape
     win = _windows(xin, kh, kw, opt.strideH, opt.strideW, opt.dilationHFactor, opt.dilationWFactor, opt.padding)
     acc = win.reshape(*win.shape[:3], -1) @ wv.reshape(o, -1).T  # exact for integers (< 2^53)
-    columns = 1 if acc.shape[1] * acc.shape[2] == 1 else (ctx["batch"] or acc.shape[0]) * acc.shape[1] * acc.shape[2]
-    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not windows_fp, columns)
+    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not windows_fp, ruy=True)
 
 
 def _depthwise(args, tins, tout, opt, ctx):
@@ -366,7 +370,9 @@ def _depthwise(args, tins, tout, opt, ctx):
     if mult != 1:
         win = np.repeat(win, mult, axis=-1)
     acc = np.einsum("nhwijc,ijc->nhwc", win, wv[0], optimize=True)
-    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, columns=0)
+    # DepthwiseConvPerChannel rounds its output shift upward (DepthwiseConvOutputRounding::kUpward), as ruy does;
+    # measured on signed outputs (tests/test_emulate.py)
+    return _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, ruy=True)
 
 
 def _fully_connected(args, tins, tout, opt, ctx):
@@ -381,7 +387,7 @@ def _fully_connected(args, tins, tout, opt, ctx):
     shape = (*np.asarray(x).shape[:-1], wv.shape[0]) if keep else acc.shape
     if not fp:
         _check_weight_zero(tw)
-    y = _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, ctx["batch"] or acc.shape[0])
+    y = _output_stage(acc, args, tins, tout, opt.fusedActivationFunction, not fp, ruy=True)
     return y.reshape(shape)
 
 
@@ -616,13 +622,10 @@ def run_interpreter(buf: bytes, feeds: dict[str, np.ndarray], batch: int = 1) ->
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def run_emulation(program: TfliteProgram, feeds: dict[str, np.ndarray], batch: int = 1, chunk: int = 256) -> dict:
-    """The integer reference for the interpreter invoked with ``batch`` images per call, computed ``chunk``
-    images at a time (vectorized)."""
+def run_emulation(program: TfliteProgram, feeds: dict[str, np.ndarray], chunk: int = 256) -> dict:
+    """The integer reference on ``feeds``, computed ``chunk`` images at a time (vectorized)."""
     n = len(next(iter(feeds.values())))
-    step = chunk if batch == 1 else batch
-    outs = [program.run({k: v[i:i + step] for k, v in feeds.items()}, invocation_batch=1 if batch == 1 else None)
-            for i in range(0, n, step)]
+    outs = [program.run({k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -642,7 +645,7 @@ def compare(buf: bytes, feeds: dict[str, np.ndarray], batch: int = 1, interprete
     every integer output is identical.  ``interpreter``: its outputs, if already computed."""
     program = TfliteProgram(buf)
     got = interpreter if interpreter is not None else run_interpreter(buf, feeds, batch)
-    ref = run_emulation(program, feeds, batch)
+    ref = run_emulation(program, feeds)
     report, exact = {}, True
     for name in program.outputs:
         a, b = np.asarray(got[name]), np.asarray(ref[name])

@@ -13,6 +13,10 @@ for any cut: front end, backend, full) with these rules:
 * ReLU + k-bit activation: ``FakeQuant(min=0, max=255/n, 8 bit)`` then ``min(., 1)`` -- an 8-bit tensor with
   scale 1/n holds the k-bit grid ``j/n`` exactly (n = 2^k - 1).  The quantization is applied *before* a
   max-pool that precedes it (max-pool commutes with clip and round), so the conv writes the grid directly.
+* QLinear (a signed tensor without activation: MobileNetV2's bottleneck outputs and residual sums):
+  ``FakeQuant(min=-128 s, max=127 s, 8 bit)`` with the layer's calibrated power-of-two scale ``s``: the int8
+  tensor has scale ``s`` and zero point 0, exactly the Keras grid; a backend whose input is such a tensor pins its
+  input quantization the same way.
 * everything else (pooling, add, flatten, dense logits) keeps its Keras op; the converter calibrates those
   tensors on representative data.
 
@@ -31,9 +35,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.export.emulate import quantize_multiplier
 from tfbitmeta.models.dropout import CheckpointedDropout
 from tfbitmeta.quant.bitwidth import FP, Config
-from tfbitmeta.quant.layers import BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QReLU
+from tfbitmeta.quant.layers import LINEAR_CODES, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QLinear, QReLU
 
 QUANT_LAYERS = (QConv2D, QDense, QDepthwiseConv2D)
 
@@ -94,18 +99,41 @@ class ExportGraph:
         self.fp = self.cfg == (FP, FP)
         self.bits_value = np.array([[float(self.cfg[0]), float(self.cfg[1])]], np.float32)
         # everything numeric is computed eagerly here; evaluate() may then run inside a tf.function
-        self._kernels, self._act_bits, self._affine = {}, {}, {}
+        self._kernels, self._act_bits, self._affine, self._linear = {}, {}, {}, {}
         for layer in model.layers:
             if isinstance(layer, QUANT_LAYERS):
                 self._kernels[id(layer)] = self._kernel_arrays(layer)
             elif isinstance(layer, QReLU):
                 self._act_bits[id(layer)] = int(layer.act_bits(tf.constant(self.bits_value)).numpy())
+            elif isinstance(layer, QLinear):
+                self._linear[id(layer)] = self._linear_scale(layer)
             elif isinstance(layer, BitBatchNorm):
                 self._affine[id(layer)] = self._bn_affine(layer)
 
     # -- static bitwidth of a layer -----------------------------------------------------------------
     def weight_bits(self, layer) -> int:
         return int(layer.weight_bits(tf.constant(self.bits_value)).numpy())
+
+    def _linear_scale(self, layer: QLinear) -> float | None:
+        """The grid step of a QLinear at this configuration; None when it is the identity (fp, uncalibrated)."""
+        b = tf.constant(self.bits_value)
+        if int(layer.act_bits(b).numpy()) >= FP:
+            return None
+        s = float(layer.scale.numpy()[layer.candidates.slot(self.cfg)])
+        return s if s > 0 else None
+
+    def linear_quant(self, layer: QLinear, x):
+        s = self._linear[id(layer)]
+        if s is None:
+            return x
+        lo, hi = LINEAR_CODES
+        return tf.quantization.fake_quant_with_min_max_args(x, min=lo * s, max=hi * s, num_bits=8)
+
+    def pin_input(self, kt, x):
+        """``x`` fed for the Keras tensor ``kt``: on the producer's QLinear grid when it has one (a backend's
+        features input then has the front end's int8 scale instead of a calibrated one)."""
+        src = _producer(kt)
+        return self.linear_quant(src, x) if isinstance(src, QLinear) else x
 
     # -- folded, quantized kernels --------------------------------------------------------------------
     def _bn_affine(self, bn: BitBatchNorm):
@@ -207,13 +235,16 @@ class ExportGraph:
     # -- bias alignment ---------------------------------------------------------------------------------
     def input_scale(self, layer):
         """Scale of the int8 tensor a quantized layer reads, when the export fixes it: 1/n after a k-bit
-        activation (through max-pool / flatten / dropout), 1 for the pixel input; None when calibrated."""
+        activation, s after a QLinear (through max-pool / flatten / dropout), 1 for the pixel input; None when
+        calibrated."""
         kt = _full_model_input(layer, self.model)
         while kt is not None:
             src = _producer(kt)
             if isinstance(src, QReLU):
                 bits = self._act_bits[id(src)]
                 return None if bits >= FP else 1.0 / (2.0 ** bits - 1.0)
+            if isinstance(src, QLinear):
+                return self._linear[id(src)]
             if isinstance(src, tf.keras.layers.InputLayer):
                 return 1.0 if id(layer) in self._first else None
             if not isinstance(src, _SCALE_PRESERVING):
@@ -228,6 +259,36 @@ class ExportGraph:
         if scale is None or s_in is None:
             return None
         return np.float32(s_in) * scale.astype(np.float32)
+
+    def requant_shift(self, layer):
+        """(quantizer, per-channel right shift of TFLite's requantization) for a quantized conv whose input and
+        output grids the export fixes (conv -> [folded BN] -> [max-pool] -> QReLU / QLinear), else None."""
+        grid = self.bias_grid(layer)
+        if grid is None:
+            return None
+        nxt = layer
+        while True:
+            cons = _consumers(nxt, self.model)
+            if len(cons) != 1:
+                return None
+            nxt = cons[0]
+            if not (isinstance(nxt, BitBatchNorm) and self._folded_bn(layer) is nxt) and \
+                    not isinstance(nxt, tf.keras.layers.MaxPool2D):
+                break
+        if isinstance(nxt, QReLU):
+            bits = self._act_bits[id(nxt)]
+            s_out = None if bits >= FP else 1.0 / (2.0 ** bits - 1.0)
+        elif isinstance(nxt, QLinear):
+            s_out = self._linear[id(nxt)]
+        else:
+            return None
+        if s_out is None:
+            return None
+        # the file's float32 scales, as the interpreter computes the multiplier from them
+        s_in = np.float32(self.input_scale(layer))
+        s_w = self._kernels[id(layer)][2].astype(np.float32)
+        real = [float(s_in) * float(w) / float(np.float32(s_out)) for w in s_w]
+        return nxt, np.array([max(-quantize_multiplier(r)[1], 0) for r in real], np.float64)
 
     # -- activations ------------------------------------------------------------------------------------
     def act_quant(self, layer: QReLU, x):
@@ -246,25 +307,42 @@ class ExportGraph:
         memo = dict(given)
         self.used = []  # quantized layers this graph contains (for the size report)
 
-        def ev(kt):
-            key = id(kt)
-            if key in memo:
-                return memo[key]
-            layer = _producer(kt)
-            if isinstance(layer, tf.keras.layers.InputLayer):
-                if layer.name == "bits":
-                    return tf.constant(self.bits_value)
-                raise TfbitmetaError(f"export: no value for input {layer.name!r}")
-            ins = _inputs_of_tensor(kt)
-            memo[key] = self.apply(layer, ins, ev)
-            return memo[key]
+        def deps(layer, ins):
+            """The Keras tensors ``apply`` evaluates for ``layer`` (a QReLU after a max-pool reads the pool's input)."""
+            if isinstance(layer, QReLU) and isinstance(_producer(ins[0]), tf.keras.layers.MaxPool2D):
+                return [_inputs_of_tensor(ins[0])[0], *ins[1:]]
+            return ins
+
+        def ev(root):
+            # depth-first with an explicit stack: a deep model (MobileNetV2's backend) exceeds Python's recursion limit
+            stack = [root]
+            while stack:
+                kt = stack[-1]
+                if id(kt) in memo:
+                    stack.pop()
+                    continue
+                layer = _producer(kt)
+                if isinstance(layer, tf.keras.layers.InputLayer):
+                    if layer.name != "bits":
+                        raise TfbitmetaError(f"export: no value for input {layer.name!r}")
+                    memo[id(kt)] = tf.constant(self.bits_value)
+                    continue
+                ins = _inputs_of_tensor(kt)
+                missing = [t for t in deps(layer, ins) if id(t) not in memo]
+                if missing:
+                    stack.extend(missing)
+                    continue
+                memo[id(kt)] = self.apply(layer, ins, ev)
+                stack.pop()
+            return memo[id(root)]
 
         return {k: ev(v) for k, v in outputs.items()}
 
     def _pad_with_mean_pixel(self, x, layer):
         """A 'same' first conv with the normalization folded in: the Keras model pads the *normalized* image with
         0, i.e. with the mean pixel; pad the pixels with the (rounded) mean pixel so the folded conv sees the same
-        border (an explicit PAD, then a 'valid' conv).  Residual error: < 0.5 pixel at the border."""
+        border (an explicit PAD, then a 'valid' conv).  Exact when the mean is a whole pixel value, as
+        ``Normalization.fit`` makes it; runs normalized before that have < 0.5 pixel of error at the border."""
         pads = []
         for size, k, st in zip(x.shape[1:3], layer.kernel_size, layer.strides):
             total = max((-(-int(size) // st) - 1) * st + k - int(size), 0)
@@ -304,6 +382,8 @@ class ExportGraph:
             if isinstance(src, tf.keras.layers.MaxPool2D):  # quantize first: the conv writes the grid directly
                 return src(self.act_quant(layer, ev(_inputs_of_tensor(ins[0])[0])))
             return self.act_quant(layer, ev(ins[0]))
+        if isinstance(layer, QLinear):
+            return self.linear_quant(layer, ev(ins[0]))
         if isinstance(layer, (CheckpointedDropout, tf.keras.layers.Dropout)):
             return ev(ins[0])
         args = [ev(t) for t in ins]
@@ -313,13 +393,15 @@ class ExportGraph:
 @contextlib.contextmanager
 def aligned_biases(model: tf.keras.Model, cfg: Config, normalization=None, int4: bool = True,
                    report: list | None = None):
-    """Within the block, ``model`` at ``cfg`` has each folded bias on the TFLite int32 bias grid (module doc).
+    """Within the block, ``model`` at ``cfg`` has each folded bias on the TFLite int32 bias grid (module doc), and
+    each quantizer written by an integer conv rounds twice as that conv's requantization does
+    (``requant_shift``, :class:`tfbitmeta.quant.layers.QReLU`): the Keras model then computes the file's codes.
 
     A BN-folded layer moves the BN mean of ``cfg``'s slot; a layer without BN moves its own bias (shared by
     every configuration, hence export one configuration per block).  Variables are restored on exit.  ``report``
     collects per layer the largest move in units of the bias step (<= 0.5) and of the BN standard deviation."""
     g = ExportGraph(model, cfg, normalization, int4)
-    saved = []
+    saved, requants = [], []
     try:
         for layer in model.layers:
             if not isinstance(layer, QUANT_LAYERS):
@@ -349,7 +431,18 @@ def aligned_biases(model: tf.keras.Model, cfg: Config, normalization=None, int4:
             if report is not None:
                 report.append({"layer": layer.name, "max_bias_steps": float(np.max(np.abs(delta / grid))),
                                "max_bn_std": moved_std})
+        for layer in model.layers:
+            if isinstance(layer, QUANT_LAYERS):
+                requant = g.requant_shift(layer)
+                if requant is not None:
+                    target, right = requant
+                    shifts = target.requant_shift.copy()
+                    shifts[target.candidates.slot(g.cfg)] = right
+                    requants.append((target, target.requant_shift))
+                    target.requant_shift = shifts
         yield
     finally:
         for var, value in reversed(saved):
             var.assign(value)
+        for layer, shifts in reversed(requants):
+            layer.requant_shift = shifts

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tfbitmeta.errors import BadArgument, TfbitmetaError
 from tfbitmeta.models.pooling import MaxPool2D
 from tfbitmeta.quant.bitwidth import BitSpace
-from tfbitmeta.quant.layers import ADAPTIVE, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QReLU
+from tfbitmeta.quant.layers import ADAPTIVE, BitBatchNorm, QConv2D, QDense, QDepthwiseConv2D, QLinear, QReLU
 from tfbitmeta.quant.quantizers import DEFAULT_SCHEME
 
 
@@ -118,6 +118,10 @@ class LayerFactory:
 
     def relu(self, role="inner", name=None):
         return QReLU(precision=self._precision(role), name=name, **self._common)
+
+    def linear(self, name=None):
+        """8-bit grid of a signed tensor without activation (bottleneck outputs, residual sums)."""
+        return QLinear(precision=ADAPTIVE, name=name, **self._common)
 
     def bn(self, name=None):
         return BitBatchNorm(candidates=self.cfg.candidates, mode=self.cfg.bn_mode, name=name)

@@ -1,5 +1,7 @@
 """MobileNetV2 for small images (stride 1 in the stem and the first 24-channel stage, as the reference's CIFAR
-variant) with a width multiplier.  ReLU replaces ReLU6 (the activation quantizer clips to [0, 1] anyway)."""
+variant) with a width multiplier.  ReLU replaces ReLU6 (the activation quantizer clips to [0, 1] anyway).  The
+linear bottleneck outputs and the residual sums are on fixed 8-bit grids (:class:`~tfbitmeta.quant.layers.QLinear`),
+as the integer model stores them."""
 from __future__ import annotations
 
 import tensorflow as tf
@@ -25,13 +27,15 @@ def _inverted_residual(L: LayerFactory, name, in_c, out_c, stride, t):
     dw, dw_bn, dw_relu = L.dwconv(3, strides=stride, name=f"{name}_dw"), L.bn(name=f"{name}_dw_bn"), \
         L.relu(name=f"{name}_dw_relu")
     proj, proj_bn = L.conv(out_c, 1, name=f"{name}_project"), L.bn(name=f"{name}_project_bn")
+    proj_q = L.linear(name=f"{name}_project_q")
     residual = stride == 1 and in_c == out_c
+    add_q = L.linear(name=f"{name}_add_q") if residual else None
 
     def fn(h, b):
         x = h if expand is None else expand(h, b)
         x = dw_relu([dw_bn([dw([x, b]), b]), b])
-        x = proj_bn([proj([x, b]), b])
-        return tf.keras.layers.Add(name=f"{name}_add")([h, x]) if residual else x
+        x = proj_q([proj_bn([proj([x, b]), b]), b])
+        return add_q([tf.keras.layers.Add(name=f"{name}_add")([h, x]), b]) if residual else x
     return Stage(name, fn)
 
 

@@ -5,7 +5,7 @@ before any TensorFlow import); the layer names below are imported from :mod:`tfb
 """
 from tfbitmeta.quant.bitwidth import FP, BitSpace, bits_tensor, config_name, parse_config  # noqa: F401
 
-_LAYERS = ("CUSTOM_OBJECTS", "BitBatchNorm", "QConv2D", "QDense", "QDepthwiseConv2D", "QReLU")
+_LAYERS = ("CUSTOM_OBJECTS", "BitBatchNorm", "QConv2D", "QDense", "QDepthwiseConv2D", "QReLU", "QLinear")
 
 __all__ = ["FP", "BitSpace", "bits_tensor", "config_name", "parse_config", *_LAYERS]
 

@@ -1,15 +1,16 @@
-"""Per-bitwidth BatchNorm statistics, estimated after training (the deployable BN), and models that run with
-explicitly chosen BatchNorm statistics."""
+"""Per-bitwidth BatchNorm statistics and the fixed 8-bit grids of linear tensors, estimated after training (what
+the deployed integer model uses), and models that run with explicitly chosen BatchNorm statistics."""
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from tfbitmeta.errors import BadArgument
 from tfbitmeta.quant.bitwidth import Config, bits_tensor
-from tfbitmeta.quant.layers import BatchNormStatistics, BitBatchNorm
+from tfbitmeta.quant.layers import LINEAR_CODES, BatchNormStatistics, BitBatchNorm, QLinear
 
 
 def batchnorm_layers(model: tf.keras.Model) -> list[BitBatchNorm]:
@@ -45,12 +46,16 @@ def with_bn_statistics(model: tf.keras.Model, statistics: str, weight: float = 0
 
 def calibrate_batchnorm(model: tf.keras.Model, images: Sequence[tf.Tensor], configs: Sequence[Config],
                         progress: bool = False) -> None:
-    """Set each configuration's BN slot to the mean of its batch statistics over ``images`` (a list of batches).
+    """Set each configuration's BN slot to the mean of its batch statistics over ``images`` (a list of batches),
+    then the grids of the model's :class:`~tfbitmeta.quant.layers.QLinear` layers (:func:`calibrate_ranges`).
 
     Every other layer runs in inference mode (no dropout), so the statistics are those inference will see.
     """
     layers = batchnorm_layers(model)
-    if not layers or not images:
+    if not images:
+        return
+    if not layers:
+        calibrate_ranges(model, images, configs)
         return
     accumulating = with_bn_statistics(model, "accumulate", 1.0 / len(images))
     shape = [None, *images[0].shape[1:]]
@@ -68,3 +73,33 @@ def calibrate_batchnorm(model: tf.keras.Model, images: Sequence[tf.Tensor], conf
             layer.moving_variance.scatter_nd_update([[slot]], [zeros])
         for x in images:
             accumulate(x, bits_tensor(cfg, int(x.shape[0])))
+    calibrate_ranges(model, images, configs)
+
+
+def _node_input(layer, model):
+    """The Keras tensor ``layer`` consumes in ``model``'s own graph (layers are shared by several graphs)."""
+    for i, node in enumerate(layer.inbound_nodes):
+        if f"{layer.name}_ib-{i}" in model._network_nodes:
+            return node.keras_inputs[0]
+    raise BadArgument(f"{model.name}: layer {layer.name} is not called in the model")
+
+
+def calibrate_ranges(model: tf.keras.Model, images: Sequence[tf.Tensor], configs: Sequence[Config]) -> None:
+    """Each configuration's scale of every QLinear layer of ``model``: the smallest power of two ``s`` with
+    ``max |x| <= 127 s`` over ``images`` (the layer's input measured in one pass with every QLinear of that
+    configuration off; upstream rounding can then move a peak by half a step, which the grid saturates)."""
+    qlayers = [m for m in model.layers if isinstance(m, QLinear)]
+    if not qlayers or not images:
+        return
+    probe = tf.keras.Model(model.inputs, [_node_input(layer, model) for layer in qlayers])
+    peaks = tf.function(lambda x, b: [tf.reduce_max(tf.abs(t)) for t in probe([x, b], training=False)])
+    for cfg in configs:
+        slots = [layer.candidates.slot(cfg) for layer in qlayers]
+        for layer, slot in zip(qlayers, slots):
+            layer.scale.scatter_nd_update([[slot]], [0.0])
+        peak = np.zeros(len(qlayers))
+        for x in images:
+            peak = np.maximum(peak, [float(v) for v in peaks(x, bits_tensor(cfg, int(x.shape[0])))])
+        for layer, slot, p in zip(qlayers, slots, peak):
+            scale = 2.0 ** np.ceil(np.log2(max(float(p), 1e-30) / LINEAR_CODES[1]))
+            layer.scale.scatter_nd_update([[slot]], [np.float32(scale)])

@@ -8,11 +8,12 @@ reference (docs/method.md, "Tasks").
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from tfbitmeta.errors import BadArgument
 from tfbitmeta.quant.bitwidth import FP, BitSpace
-from tfbitmeta.quant.quantizers import DEFAULT_SCHEME, get_scheme
+from tfbitmeta.quant.quantizers import DEFAULT_SCHEME, get_scheme, levels
 
 ADAPTIVE = "adaptive"
 
@@ -184,27 +185,120 @@ class QDense(_QuantizedKernel, tf.keras.layers.Dense):
         return tf.matmul(x, kernel)
 
 
+class _Requantized:
+    """What a quantizer downstream of an integer conv needs to round as the deployed kernel does.
+
+    TFLite requantizes a conv's int32 accumulator with a fixed-point multiplier and *two* roundings: first to
+    ``2^-r`` output steps, then to a whole step (both ties toward +inf on x86; docs/export.md).  With the small
+    accumulators of low-bit layers ``r`` is 2-4 and the first rounding moves ~8 % of the outputs of a depthwise
+    conv by one step.  ``requant_shift`` holds ``r`` per configuration slot and output channel (-1: unknown, round
+    once); the export sets it while it aligns the biases (``tfbitmeta.export.graph.aligned_biases``), so the Keras
+    model it verifies against computes the file's codes."""
+
+    def _build_requant(self, input_shape):
+        c = int(_x_shape(input_shape)[-1])
+        # export-time state, a numpy array: no Keras weight (checkpoints and SavedModels unchanged); read when the
+        # layer is called, so a function traced inside ``aligned_biases`` keeps the shifts of that block
+        self.requant_shift = np.full((len(self.candidates.configs), c), -1.0, np.float32)
+        self._slot_table = self.candidates.slot_table()
+
+    def _deployed_steps(self, v, bits):
+        """(known, steps): per channel whether the shift is known, and ``v`` (in output steps) rounded twice."""
+        r = tf.gather(tf.constant(self.requant_shift), config_slot(self._slot_table, bits))
+        p = tf.pow(tf.constant(2.0, tf.float64), tf.cast(tf.maximum(r, 0.0), tf.float64))
+        steps = tf.floor(tf.floor(tf.cast(v, tf.float64) * p + 0.5) / p + 0.5)
+        return r >= 0.0, tf.cast(steps, v.dtype)
+
+
+class _ActivationQuantizer(_Requantized, _BitMixin, tf.keras.layers.Layer):
+    """Shared plumbing of the quantizers called on ``[x, bits]`` that keep ``x``'s shape."""
+
+    def __init__(self, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_bits(scheme, precision, candidates)
+
+    def compute_output_shape(self, input_shape):
+        return _x_shape(input_shape)
+
+
 @tf.keras.utils.register_keras_serializable(package="tfbitmeta")
-class QReLU(_BitMixin, tf.keras.layers.Layer):
+class QReLU(_ActivationQuantizer):
     __doc__ = f"""ReLU followed by activation quantization at the activation bitwidth (plain ReLU at FP).
 
-    Called on ``[x, bits]``.
+    Called on ``[x, bits]``.  At inference, a channel with a known ``requant_shift`` rounds as the integer kernel
+    that writes it (:class:`_Requantized`).
 
     Args:
         {_BIT_ARGS}
         **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
     """
 
-    def __init__(self, scheme=DEFAULT_SCHEME, precision=ADAPTIVE, candidates=None, **kwargs):
-        super().__init__(**kwargs)
-        self._init_bits(scheme, precision, candidates)
+    def build(self, input_shape):
+        self._build_requant(input_shape)
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         x, bits = inputs
-        return self.scheme.quantize_activation(x, self.act_bits(bits))
+        a = self.act_bits(bits)
+        q = self.scheme.quantize_activation(x, a)
+        if training:
+            return q
+        n = levels(a)
+        known, steps = self._deployed_steps(x * n, bits)
+        deployed = tf.clip_by_value(steps, 0.0, n) / n
+        return tf.where(tf.logical_and(known, a < FP), deployed, q)
 
-    def compute_output_shape(self, input_shape):
-        return _x_shape(input_shape)
+
+def config_slot(table, bits):
+    """The slot of the configuration in the ``bits`` input in a per-configuration variable (``BitSpace.slot_table``)."""
+    return tf.constant(table)[tf.cast(bits[0, 0], tf.int32), tf.cast(bits[0, 1], tf.int32)]
+
+
+LINEAR_CODES = (-128, 127)
+"""The int8 codes of a :class:`QLinear` grid (zero point 0)."""
+
+
+def round_half_away(x):
+    """Round to nearest, ties away from zero (TFLite's ``RoundingDivideByPOT``, e.g. in its int8 ADD)."""
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+
+
+@tf.keras.utils.register_keras_serializable(package="tfbitmeta")
+class QLinear(_ActivationQuantizer):
+    __doc__ = f"""8-bit quantization of a signed tensor that has no activation (a MobileNetV2 linear bottleneck, a
+    residual sum), on the grid the integer model stores it on: ``s * q``, ``q`` in [-128, 127], zero point 0.
+
+    Called on ``[x, bits]``.  ``s`` is a power of two per configuration of the candidate set (a ``scale`` slot, as
+    :class:`BitBatchNorm`'s statistics), set after training by
+    :func:`tfbitmeta.quant.calibration.calibrate_ranges` to the smallest one holding the largest ``|x|`` seen.
+    With power-of-two scales TFLite's int8 ADD of two such tensors is exact up to its final rounding, which is
+    half away from zero as here, so the Keras model and the integer file compute the same codes
+    (docs/export.md, "Linear tensors").  Identity in training, at full-precision activations and while the
+    slot is uncalibrated (0).
+
+    Args:
+        {_BIT_ARGS}
+        **kwargs: :class:`tf.keras.layers.Layer` arguments (``name``, ...).
+    """
+
+    def build(self, input_shape):
+        n = len(self.candidates.configs)
+        self.scale = self.add_weight("scale", shape=(n,), initializer="zeros", trainable=False)
+        self._build_requant(input_shape)
+
+    def slot(self, bits):
+        """The scale slot of the configuration in the ``bits`` input (a scalar int tensor)."""
+        return config_slot(self._slot_table, bits)
+
+    def call(self, inputs, training=None):
+        x, bits = inputs
+        if training:
+            return x
+        s = tf.gather(self.scale, self.slot(bits))
+        v = tf.math.divide_no_nan(x, s)
+        known, deployed = self._deployed_steps(v, bits)
+        lo, hi = LINEAR_CODES
+        q = s * tf.clip_by_value(tf.where(known, deployed, round_half_away(v)), float(lo), float(hi))
+        return tf.where(tf.logical_and(s > 0.0, self.act_bits(bits) < FP), q, x)
 
 
 STATISTICS = ("batch", "calibrated", "accumulate")
@@ -256,7 +350,7 @@ class BitBatchNorm(tf.keras.layers.Layer):
 
     def slot(self, bits):
         """The statistics slot of the configuration in the ``bits`` input (a scalar int tensor)."""
-        return tf.constant(self._slot_table)[tf.cast(bits[0, 0], tf.int32), tf.cast(bits[0, 1], tf.int32)]
+        return config_slot(self._slot_table, bits)
 
     def normalize(self, inputs, training=None, statistics: str = "calibrated", weight: float = 0.0):
         """Normalize ``[x, bits]`` with explicit inference ``statistics`` (one of :data:`STATISTICS`); training
@@ -323,6 +417,6 @@ def pytorch_kernel_init():
     return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-CUSTOM_OBJECTS = {c.__name__: c for c in (QConv2D, QDepthwiseConv2D, QDense, QReLU, BitBatchNorm)}
+CUSTOM_OBJECTS = {c.__name__: c for c in (QConv2D, QDepthwiseConv2D, QDense, QReLU, QLinear, BitBatchNorm)}
 """Compatibility alias: the layers are registered with Keras (package ``tfbitmeta``), so ``load_model`` needs no
 ``custom_objects``; passing this dict still works."""
