@@ -84,8 +84,8 @@ class Part(tf.Module):
                 out = self.graph.evaluate({"logits": bm.keras.output["logits"]},
                                           {id(feats_kt): self.graph.pin_input(feats_kt, f)})
                 return {"probs": tf.nn.softmax(out["logits"])}
-        # no autograph: the graph walk is plain Python over layers (no tensor control flow), and autograph's frames
-        # per call overflow the recursion limit on deep models (MobileNetV2 at width 1)
+        # no AutoGraph: the graph walk is plain Python over layers with no tensor control flow to convert (and
+        # AutoGraph's wrapped calls were what first overflowed the recursion limit on MobileNetV2 at width 1)
         self.serve = tf.function(serve, input_signature=[spec], autograph=False)
 
 
@@ -418,8 +418,7 @@ def _deployed(bufs: dict, pixels: np.ndarray) -> dict:
     try:
         return {**deployed.deployed_outputs(bufs["front_end"], bufs["backend"], pixels), "source": "integer reference"}
     except emulate.UnsupportedOp:
-        f = run_tflite(bufs["front_end"], pixels)
-        return {"exit_probs": f["exit_probs"], "final_probs": run_tflite(bufs["backend"], f["features"])["probs"],
+        return {**deployed.interpreter_outputs(bufs["front_end"], bufs["backend"], pixels, batch=256),
                 "source": "interpreter"}
 
 
