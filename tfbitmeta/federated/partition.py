@@ -45,11 +45,16 @@ def shards(y: np.ndarray, num_clients: int, classes_per_client: int, seed: int) 
     return [ClientData(np.array(sorted(t), dtype=np.int64), a) for t, a in zip(train, assigned)]
 
 
+def check_alpha(alpha: float) -> None:
+    """A Dirichlet concentration must be a positive number (0, negative and nan are refused)."""
+    if not alpha > 0:
+        raise TfbitmetaError(f"the Dirichlet alpha must be > 0 (got {alpha})", param="dirichlet")
+
+
 def dirichlet(y: np.ndarray, num_clients: int, alpha: float, seed: int, min_share: float = 0.05) -> list[ClientData]:
     """Dirichlet(alpha) class proportions per client; a client's ID classes are those holding at least
     ``min_share`` of its samples."""
-    if alpha <= 0:
-        raise TfbitmetaError(f"the Dirichlet alpha must be > 0 (got {alpha})", param="dirichlet")
+    check_alpha(alpha)
     rng = np.random.default_rng(seed)
     train = [[] for _ in range(num_clients)]
     for c in np.unique(y):

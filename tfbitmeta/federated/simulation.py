@@ -80,8 +80,8 @@ class SimConfig:
         for name in ("clients", "rounds", "local_steps", "tasks"):
             if getattr(self, name) < 1:
                 raise TfbitmetaError(f"{name} must be at least 1 (got {getattr(self, name)})", param=name)
-        if self.dirichlet is not None and not self.dirichlet > 0:  # 0 must not fall back to class shards
-            raise TfbitmetaError(f"the Dirichlet alpha must be > 0 (got {self.dirichlet})", param="dirichlet")
+        if self.dirichlet is not None:  # before any data is loaded; 0 must not fall back to class shards
+            partition.check_alpha(self.dirichlet)
         if self.batch_size < 2:
             raise TfbitmetaError(f"batch_size must be at least 2 (support and query halves; got {self.batch_size})",
                                  param="batch_size")
