@@ -578,3 +578,29 @@ def test_mixed_bitwidth_that_cannot_export_is_a_400_with_the_reason(server, expo
         r = httpx.get(f"{url2}/v1/frontends/svhn_cnn/w2afp/exit3.json", timeout=60)
     assert r.status_code == 400 and r.json()["code"] == "unsupported_bitwidth", r.text
     assert "w2afp" in r.json()["error"] and "not supported by this exporter" in r.json()["error"]
+
+
+@pytest.mark.parametrize("text", ["YWJj\n", " YWJj", "YW Jj", "YWI", "YWI=YWI=", "YW*j", "YWJj\u00e9", "-_-_",
+                                  "YQ==YQ==", "=YWJ", "\u0661\u0662\u0663\u0664", "AQL+", "AQL+="])
+def test_the_simd_base64_decoder_keeps_the_strict_rules(text):
+    """The server decodes 'b64' with pybase64 (SIMD): what the standard library's strict decoder (validate=True)
+    refuses is a 400 invalid_base64, what it accepts decodes to the same bytes (excess padding included, which
+    pybase64 alone refuses)."""
+    import binascii
+
+    from tfbitmeta.serve.errors import ApiError
+    from tfbitmeta.serve.payload import FeatureSpec, parse_request
+
+    spec = FeatureSpec("features", (3,), scale=0.5, zero_point=0, qdtype="int8")
+    body = json.dumps({"inputs": {"b64": text, "dtype": "int8", "shape": [1, 3], "scale": 0.5, "zero_point": 0}})
+    try:
+        expected = np.frombuffer(base64.b64decode(text, validate=True), np.int8)
+    except (binascii.Error, ValueError):
+        expected = None
+    if expected is None:
+        with pytest.raises(ApiError) as e:
+            parse_request(body.encode(), spec)
+        assert e.value.status == 400 and e.value.code == "invalid_base64"
+    else:
+        x, _ = parse_request(body.encode(), spec)
+        np.testing.assert_array_equal(x, expected[None].astype(np.float32) * 0.5)
