@@ -116,6 +116,33 @@ def test_concurrent_requests_are_batched(exported, features4):
         assert app.state.batchers[MODEL].calls <= 4, "16 concurrent requests should share a few backend calls"
 
 
+def test_a_full_batch_runs_on_the_event_loop_and_only_oversized_requests_in_the_thread():
+    """One backend call, full batches included, is made on the loop (a thread hop cost more server CPU than the
+    call, docs/serving.md); a request larger than max_batch (several calls) goes to the backend's thread."""
+    import asyncio
+
+    from tfbitmeta.serve.batching import DynamicBatcher
+
+    ran = []
+
+    def run(x):
+        ran.append((len(x), threading.current_thread() is threading.main_thread()))
+        return x[:, :1] * 2
+
+    async def go():
+        b = DynamicBatcher(run, max_batch=4, max_delay_s=0.05, max_queue=64, idle_s=0.01)
+        full = np.arange(4, dtype=np.float32).reshape(4, 1)
+        np.testing.assert_array_equal(await b.submit(full), full * 2)
+        np.testing.assert_array_equal(await b.submit(full[:3]), full[:3] * 2)
+        big = np.arange(9, dtype=np.float32).reshape(9, 1)
+        np.testing.assert_array_equal(await b.submit(big), big * 2)
+        await b.close()
+        return b.calls
+
+    assert asyncio.run(go()) == 3
+    assert ran == [(4, True), (3, True), (9, False)]
+
+
 def test_overload_answers_503_and_timeout_504(exported, features4):
     with extra_server(exported, max_batch=64, max_queue=64, max_delay_ms=1500, batch_idle_ms=1500) as (url, _):
         first = {}
