@@ -116,6 +116,45 @@ def test_grpc_token_and_validation_use_status_codes(setup, exported):
         assert tf.make_ndarray(ok.outputs["probs"]).shape == (2, 10)
 
 
+def test_grpc_floor_is_a_constant_after_the_token_and_only_with_the_floor_flag(setup, exported):
+    """The load benchmark's gRPC floor (c0): model __floor__ answers a constant, token still checked; without
+    ServeConfig.floor_endpoint the name is an unknown model like any other (the servicer, called as grpc.aio does)."""
+    from tfbitmeta.serve.grpc_service import FLOOR_MODEL, PredictionService
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def __init__(self, metadata=()):
+            self.metadata = metadata
+
+        def invocation_metadata(self):
+            return self.metadata
+
+        async def abort(self, code, message):
+            raise Aborted(code)
+
+    def call(service, metadata):  # these paths never wait: drive the coroutine by hand, no second event loop
+        coro = service.Predict(request(FLOOR_MODEL, features=features(exported, "fp", 1)), Context(metadata))
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        except Aborted as e:
+            return e.args[0]
+        raise AssertionError("the floor or the refusal waited for something")
+
+    _, stub, app = setup
+    without, floor = (PredictionService(app.state.models, TOKEN, floor=f) for f in (False, True))
+    assert call(without, AUTH) == grpc.StatusCode.NOT_FOUND
+    assert call(floor, ()) == grpc.StatusCode.UNAUTHENTICATED
+    probs = tf.make_ndarray(call(floor, AUTH).outputs["probs"])
+    np.testing.assert_array_equal(probs, np.full((1, 10), 0.1, np.float32))
+    with pytest.raises(grpc.RpcError) as e:  # the served PredictionService (no floor flag) has no such model
+        stub.Predict(request(FLOOR_MODEL, features=features(exported, "fp", 1)), timeout=10, metadata=AUTH)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_grpc_and_rest_batch_concurrent_requests(exported):
     import threading
 

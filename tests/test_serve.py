@@ -116,6 +116,33 @@ def test_concurrent_requests_are_batched(exported, features4):
         assert app.state.batchers[MODEL].calls <= 4, "16 concurrent requests should share a few backend calls"
 
 
+def test_a_full_batch_runs_on_the_event_loop_and_only_oversized_requests_in_the_thread():
+    """One backend call, full batches included, is made on the loop (a thread hop cost more server CPU than the
+    call, docs/serving.md); a request larger than max_batch (several calls) goes to the backend's thread."""
+    import asyncio
+
+    from tfbitmeta.serve.batching import DynamicBatcher
+
+    ran = []
+
+    def run(x):
+        ran.append((len(x), threading.current_thread() is threading.main_thread()))
+        return x[:, :1] * 2
+
+    async def go():
+        b = DynamicBatcher(run, max_batch=4, max_delay_s=0.05, max_queue=64, idle_s=0.01)
+        full = np.arange(4, dtype=np.float32).reshape(4, 1)
+        np.testing.assert_array_equal(await b.submit(full), full * 2)
+        np.testing.assert_array_equal(await b.submit(full[:3]), full[:3] * 2)
+        big = np.arange(9, dtype=np.float32).reshape(9, 1)
+        np.testing.assert_array_equal(await b.submit(big), big * 2)
+        await b.close()
+        return b.calls
+
+    assert asyncio.run(go()) == 3
+    assert ran == [(4, True), (3, True), (9, False)]
+
+
 def test_overload_answers_503_and_timeout_504(exported, features4):
     with extra_server(exported, max_batch=64, max_queue=64, max_delay_ms=1500, batch_idle_ms=1500) as (url, _):
         first = {}
@@ -578,3 +605,29 @@ def test_mixed_bitwidth_that_cannot_export_is_a_400_with_the_reason(server, expo
         r = httpx.get(f"{url2}/v1/frontends/svhn_cnn/w2afp/exit3.json", timeout=60)
     assert r.status_code == 400 and r.json()["code"] == "unsupported_bitwidth", r.text
     assert "w2afp" in r.json()["error"] and "not supported by this exporter" in r.json()["error"]
+
+
+@pytest.mark.parametrize("text", ["YWJj\n", " YWJj", "YW Jj", "YWI", "YWI=YWI=", "YW*j", "YWJj\u00e9", "-_-_",
+                                  "YQ==YQ==", "=YWJ", "\u0661\u0662\u0663\u0664", "AQL+", "AQL+="])
+def test_the_simd_base64_decoder_keeps_the_strict_rules(text):
+    """The server decodes 'b64' with pybase64 (SIMD): what the standard library's strict decoder (validate=True)
+    refuses is a 400 invalid_base64, what it accepts decodes to the same bytes (excess padding included, which
+    pybase64 alone refuses)."""
+    import binascii
+
+    from tfbitmeta.serve.errors import ApiError
+    from tfbitmeta.serve.payload import FeatureSpec, parse_request
+
+    spec = FeatureSpec("features", (3,), scale=0.5, zero_point=0, qdtype="int8")
+    body = json.dumps({"inputs": {"b64": text, "dtype": "int8", "shape": [1, 3], "scale": 0.5, "zero_point": 0}})
+    try:
+        expected = np.frombuffer(base64.b64decode(text, validate=True), np.int8)
+    except (binascii.Error, ValueError):
+        expected = None
+    if expected is None:
+        with pytest.raises(ApiError) as e:
+            parse_request(body.encode(), spec)
+        assert e.value.status == 400 and e.value.code == "invalid_base64"
+    else:
+        x, _ = parse_request(body.encode(), spec)
+        np.testing.assert_array_equal(x, expected[None].astype(np.float32) * 0.5)

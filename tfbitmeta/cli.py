@@ -456,7 +456,8 @@ def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds,
               help="also serve TF Serving's gRPC PredictionService on this port (e.g. 8501)")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="server processes sharing the port(s); each loads the backends")
-@click.option("--floor-endpoint", is_flag=True, hidden=True, help="POST /v1/floor returns a constant (load benchmark)")
+@click.option("--floor-endpoint", is_flag=True, hidden=True,
+              help="POST /v1/floor and gRPC model __floor__ answer a constant (load benchmark)")
 @user_errors
 def serve(models, run, host, port, token, max_batch, max_delay_ms, batch_idle_ms, max_body_bytes, timeout_s, grpc_port,
           workers, floor_endpoint):

@@ -2,7 +2,9 @@
 
 (a) HTTP floor: ``POST /v1/floor`` on the same app and middleware, the same 1-image body, a constant answer;
 (b) REST predict, one image's features per request (the device's exact bytes: packed k-bit codes, base64);
-(c) gRPC ``PredictionService/Predict`` (TF Serving's stubs), one image per request;
+(c) gRPC ``PredictionService/Predict`` (TF Serving's stubs), one image per request, and beside it (c0) the gRPC
+floor: the same request bytes to the model name ``__floor__``, which the server answers with a constant after the
+token check (what grpcio itself costs per call; no target, it tells whether (c) >= (b) is reachable at all);
 (d) REST predict with 64 images per request (one columnar int8 tensor);
 (e) the backend alone (``Backend.predict`` at full batches, no server) in images/s.
 
@@ -38,6 +40,7 @@ import psutil
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # grpc.aio client poller noise (BlockingIOError)
 TARGETS = {"rest_vs_floor": 0.7, "grpc_vs_rest": 1.0, "batch64_vs_backend": 0.5, "p99_over_p50": 3.0}
+PHASES = ("a_floor", "b_rest_1", "c0_grpc_floor", "c_grpc_1", "d_rest_64")
 
 
 def free_port() -> int:
@@ -190,7 +193,14 @@ def server_rss(pid: int):
 
 
 def measure(args, workers: int, bodies: dict, grpc_request, model: str) -> dict:
+    from tensorflow_serving.apis import predict_pb2
+
+    from tfbitmeta.serve.grpc_service import FLOOR_MODEL
     from tfbitmeta.serve.runner import wait_healthy
+
+    floor_request = predict_pb2.PredictRequest()
+    floor_request.CopyFrom(grpc_request)
+    floor_request.model_spec.name = FLOOR_MODEL  # (c)'s request but for the model name
 
     port, gport = free_port(), free_port()
     cmd = [sys.executable, "-m", "tfbitmeta.cli", "serve", "--models", str(args.models), "--port", str(port),
@@ -214,6 +224,7 @@ def measure(args, workers: int, bodies: dict, grpc_request, model: str) -> dict:
             "a_floor": (lambda n, lat, err: http_client(port, "/v1/floor", bodies["one"], n, lat, err, b'"outputs"'), r, 1),
             "b_rest_1": (lambda n, lat, err: http_client(port, f"/v1/models/{model}:predict", bodies["one"], n, lat, err,
                                                          b'"outputs"'), r, 1),
+            "c0_grpc_floor": (lambda n, lat, err: grpc_client(gport, floor_request, n, lat, err), r, 1),
             "c_grpc_1": (lambda n, lat, err: grpc_client(gport, grpc_request, n, lat, err), r, 1),
             "d_rest_64": (lambda n, lat, err: http_client(port, f"/v1/models/{model}:predict", bodies["64"], n, lat, err,
                                                           b'"outputs"'), max(args.rounds, r // 4), 64),
@@ -227,13 +238,16 @@ def measure(args, workers: int, bodies: dict, grpc_request, model: str) -> dict:
             json_h = ["content-type: application/json"]
             grpc_h = ["content-type: application/grpc", "te: trailers"]
             ok_bytes = 5 + grpc_response_bytes(gport, grpc_request)
-            grpc_body = b"\0" + len(grpc_request.SerializeToString()).to_bytes(4, "big") + grpc_request.SerializeToString()
+            ok_floor_bytes = 5 + grpc_response_bytes(gport, floor_request)
+            grpc_body, floor_body = (b"\0" + len(m.SerializeToString()).to_bytes(4, "big") + m.SerializeToString()
+                                     for m in (grpc_request, floor_request))
+            grpc_url = f"http://127.0.0.1:{gport}/tensorflow.serving.PredictionService/Predict"
             timed = {
                 "a_floor": lambda k: h2load(f"http://127.0.0.1:{port}/v1/floor", bodies["one"], k * c, c, json_h, True),
                 "b_rest_1": lambda k: h2load(f"http://127.0.0.1:{port}/v1/models/{model}:predict", bodies["one"], k * c,
                                              c, json_h, True),
-                "c_grpc_1": lambda k: h2load(f"http://127.0.0.1:{gport}/tensorflow.serving.PredictionService/Predict",
-                                             grpc_body, k * c, c, grpc_h, False, ok_bytes),
+                "c0_grpc_floor": lambda k: h2load(grpc_url, floor_body, k * c, c, grpc_h, False, ok_floor_bytes),
+                "c_grpc_1": lambda k: h2load(grpc_url, grpc_body, k * c, c, grpc_h, False, ok_bytes),
                 "d_rest_64": lambda k: h2load(f"http://127.0.0.1:{port}/v1/models/{model}:predict", bodies["64"], k * c,
                                               c, json_h, True),
             }
@@ -272,24 +286,26 @@ def plot(result: dict, path: Path):
 
     runs = result["runs"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = ["a_floor", "b_rest_1", "c_grpc_1", "d_rest_64"]
+    names = PHASES
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         vals = [run[n]["images_per_s"] for n in names] + [result["e_backend"]["images_per_s"]]
-        xs = np.arange(5) + i * width
+        xs = np.arange(len(names) + 1) + i * width
         a.bar(xs, vals, width, label=f"{run['workers']} worker(s)")
         for x, v in zip(xs, vals):
             a.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
         p50 = [run[n]["latency_ms"]["p50"] for n in names]
         p99 = [run[n]["latency_ms"]["p99"] for n in names]
-        b.bar(np.arange(4) + i * width, p99, width, alpha=0.4, color=f"C{i}")
-        b.bar(np.arange(4) + i * width, p50, width, color=f"C{i}", label=f"{run['workers']} worker(s): p50 (dark), p99")
-    a.set_xticks(np.arange(5) + width * (len(runs) - 1) / 2,
-                 ["(a) floor\nreq=img", "(b) REST 1", "(c) gRPC 1", "(d) REST 64", "(e) backend\nalone"])
+        b.bar(np.arange(len(names)) + i * width, p99, width, alpha=0.4, color=f"C{i}")
+        b.bar(np.arange(len(names)) + i * width, p50, width, color=f"C{i}",
+              label=f"{run['workers']} worker(s): p50 (dark), p99")
+    a.set_xticks(np.arange(len(names) + 1) + width * (len(runs) - 1) / 2,
+                 ["(a) floor\nreq=img", "(b) REST 1", "(c0) gRPC\nfloor", "(c) gRPC 1", "(d) REST 64",
+                  "(e) backend\nalone"])
     a.set_yscale("log")
     a.set_ylabel("images/s (requests/s for a-c)")
     a.legend(fontsize=8)
-    b.set_xticks(np.arange(4) + width * (len(runs) - 1) / 2, ["(a)", "(b)", "(c)", "(d)"])
+    b.set_xticks(np.arange(len(names)) + width * (len(runs) - 1) / 2, ["(a)", "(b)", "(c0)", "(c)", "(d)"])
     b.set_ylabel("latency (ms)")
     b.legend(fontsize=8)
     fig.suptitle(f"{result['clients']} keep-alive clients, load average at start {result['machine']['loadavg_start']}")
@@ -356,19 +372,20 @@ def main(argv=None):
         ratios = {"rest_vs_floor": run["b_rest_1"]["req_per_s"] / run["a_floor"]["req_per_s"],
                   "grpc_vs_rest": run["c_grpc_1"]["req_per_s"] / run["b_rest_1"]["req_per_s"],
                   "batch64_vs_backend": run["d_rest_64"]["images_per_s"] / e["images_per_s"],
-                  "p99_over_p50_worst": max(run[n]["p99_over_p50"] for n in ("a_floor", "b_rest_1", "c_grpc_1",
-                                                                            "d_rest_64"))}
-        cost = {n: run[n]["server_cpu_us_per_request"] for n in ("a_floor", "b_rest_1", "c_grpc_1", "d_rest_64")}
+                  "p99_over_p50_worst": max(run[n]["p99_over_p50"] for n in PHASES),
+                  "grpc_floor_vs_rest": run["c0_grpc_floor"]["req_per_s"] / run["b_rest_1"]["req_per_s"]}
+        cost = {n: run[n]["server_cpu_us_per_request"] for n in PHASES}
         # the same ratios from the server's CPU per request (capacity if the server had the cores to itself)
         run["cpu_ratios"] = {"rest_vs_floor": cost["a_floor"] / cost["b_rest_1"],
                              "grpc_vs_rest": cost["b_rest_1"] / cost["c_grpc_1"],
-                             "batch64_vs_backend": (1e6 / (cost["d_rest_64"] / 64)) / e["images_per_s"]}
+                             "batch64_vs_backend": (1e6 / (cost["d_rest_64"] / 64)) / e["images_per_s"],
+                             "grpc_floor_vs_rest": cost["b_rest_1"] / cost["c0_grpc_floor"]}
         run["ratios"] = ratios
         run["met"] = {"rest_vs_floor": ratios["rest_vs_floor"] >= TARGETS["rest_vs_floor"],
                       "grpc_vs_rest": ratios["grpc_vs_rest"] >= TARGETS["grpc_vs_rest"],
                       "batch64_vs_backend": ratios["batch64_vs_backend"] >= TARGETS["batch64_vs_backend"],
                       "p99_over_p50": ratios["p99_over_p50_worst"] <= TARGETS["p99_over_p50"],
-                      "zero_errors": all(run[n]["errors"] == 0 for n in ("a_floor", "b_rest_1", "c_grpc_1", "d_rest_64"))
+                      "zero_errors": all(run[n]["errors"] == 0 for n in PHASES)
                       and not any(run["warmup_errors"].values()),
                       "memory_flat": run["rss_mb_at_end"] - run["rss_mb_after_warmup"]
                       < max(10.0, 0.03 * run["rss_mb_at_start"])}

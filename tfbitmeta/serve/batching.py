@@ -2,10 +2,10 @@
 
 A batch starts when the first request arrives and closes when it holds ``max_batch`` rows, when ``max_delay`` has
 passed, or when no request arrived for ``idle`` seconds (so closed-loop clients are not held for the whole
-delay). A batch that did not fill up is one short backend call, made on the event loop; a full batch (others are
-queued) runs in the backend's thread, so the loop parses and answers the next requests meanwhile, and they form the
-next batch.  More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
-Measurements behind these choices: README, "Load"; benchmarks/README.md.
+delay). A batch of at most ``max_batch`` rows is one backend call (~0.1 ms), made on the event loop; only a single
+request larger than a batch (several calls) runs in the backend's thread, so the loop keeps answering the others.
+More than ``max_queue`` waiting rows -> 503, so an overload sheds requests instead of growing memory.
+Measurements behind these choices: docs/serving.md, "Load: which step bought what"; benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -98,17 +98,18 @@ class DynamicBatcher:
             return self._next()
         self._busy = True
         x = live[0][0] if len(live) == 1 else np.concatenate([x for x, _ in live])
-        if len(x) < self.max_batch:
-            # a batch that did not fill up (nobody else is waiting): one call (~0.1 ms) on the loop. Handing it to a
-            # thread cost more than the call: the wake-up, and the GIL bouncing at every socket write
+        if len(x) <= self.max_batch:
+            # one backend call (~0.1 ms) on the loop, full batches included. Handing it to a thread cost more than
+            # the call: the wake-up, and the GIL bouncing between the loop and the thread at every socket write
+            # (a 64-row request: ~490 -> ~310 us of server CPU, docs/serving.md)
             call = self._loop.create_future()
             try:
                 call.set_result(self.run(x))
             except Exception as e:  # noqa: BLE001 - reported to every waiting request
                 call.set_exception(e)
             return self._done(call, live)
-        # a full batch means more requests are queued: the backend (which releases the GIL) runs in its thread while
-        # the loop parses and answers the others; a request larger than a batch is several calls
+        # a single request larger than a batch is several calls: they run in the backend's thread (the interpreter
+        # releases the GIL) so the loop answers the others meanwhile
         call = self._loop.run_in_executor(self._executor, self.run, x)
         call.add_done_callback(lambda c: self._done(c, live))
 

@@ -30,7 +30,7 @@ class ServeConfig:
     head_timeout_s: float = 10.0      # a connection must complete its request head within this (idle or slow -> 408)
     grpc_port: int | None = None      # TF Serving's gRPC PredictionService beside REST (None: off)
     workers: int = 1                  # server processes sharing the port(s), each with its own backends
-    floor_endpoint: bool = False      # POST /v1/floor answering a constant (the load benchmark's HTTP floor)
+    floor_endpoint: bool = False      # POST /v1/floor and gRPC model __floor__: constants (the load benchmark's floors)
 
     def __post_init__(self):
         self.models = Path(self.models)

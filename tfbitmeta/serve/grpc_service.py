@@ -34,6 +34,7 @@ STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTI
           413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
           504: grpc.StatusCode.DEADLINE_EXCEEDED}
 KNOWN_INPUTS = {"scale", "zero_point", "bits"}
+FLOOR_MODEL = "__floor__"  # with ServeConfig.floor_endpoint: a constant answer (the load benchmark's gRPC floor)
 
 
 def _shape(t: tensor_pb2.TensorProto) -> list[int]:
@@ -133,8 +134,13 @@ def probs_proto(probs: np.ndarray) -> tensor_pb2.TensorProto:
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, models, token: str | None):
+    def __init__(self, models, token: str | None, floor: bool = False):
         self.models, self.token = models, token
+        self.floor = None  # model name FLOOR_MODEL -> this constant answer, after the token check, nothing parsed
+        if floor:
+            self.floor = predict_pb2.PredictResponse()
+            self.floor.model_spec.name = FLOOR_MODEL
+            self.floor.outputs["probs"].CopyFrom(probs_proto(np.full((1, 10), 0.1, np.float32)))
 
     async def Predict(self, request, context):  # noqa: N802 - the gRPC method name
         try:
@@ -145,6 +151,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                     raise ApiError(401, "unauthorized", "missing bearer token: send metadata 'authorization: Bearer "
                                    "<token>'" if ok is None else "wrong bearer token")
             name = request.model_spec.name
+            if self.floor is not None and name == FLOOR_MODEL:
+                return self.floor
             backend = self.models.backend(name)
             x = features_from_request(request, backend.spec)
             probs = await self.models.predict(name, x)
@@ -172,7 +180,8 @@ async def start_grpc_server(cfg, models) -> grpc.aio.Server:
                                       ("grpc.max_send_message_length", 64 << 20),
                                       ("grpc.so_reuseport", 1 if cfg.workers > 1 else 0)],
                              maximum_concurrent_rpcs=cfg.max_queue)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(models, cfg.token), server)
+    service = PredictionService(models, cfg.token, floor=cfg.floor_endpoint)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
     address = grpc_address(cfg.host, cfg.grpc_port)
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"cannot bind gRPC to {address}")
