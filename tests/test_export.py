@@ -63,7 +63,7 @@ def test_parity_with_keras(exported):
         if bits == "fp":
             assert v["top1_agreement"] == 1.0 and v["max_abs_dprob"] < 1e-4
         if f["kind"] == "front_end" and bits in ("4", "8"):
-            # the digits exit head is weak (~50 %, near-uniform probabilities): compare probabilities, not argmax
+            # a 200-step exit head has near-tied top probabilities on some images: compare probabilities, not argmax
             assert v["max_abs_dprob"] < 0.05, f
         if f["kind"] == "backend" and bits in ("4", "8"):
             assert v["top1_agreement"] >= 0.97, f
