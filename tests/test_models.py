@@ -43,6 +43,33 @@ def test_configurable_split_and_errors():
         build(ModelConfig(family="vgg"))
 
 
+def test_grid_exit_head_keeps_the_layout_and_old_runs_keep_gap():
+    """The "grid" exit head (the default of `tfbitmeta train`) max-pools to 3x3 and flattens: its dense layer reads
+    9 x C features, and a feature moved across the map changes its answer; "gap" reads C averages, blind to it.  run.json
+    written before the field existed loads as "gap"; an unknown kind is refused."""
+    from tfbitmeta.meta.train import ModelOptions
+
+    assert ModelOptions().exit_head == "grid"
+    heads = {k: build(ModelConfig(family="svhn_cnn", input_shape=(28, 28, 1), width=1, exit_head=k,
+                                  candidates=BitSpace((4, FP)), bn_mode="batch")) for k in ("grid", "gap")}
+    c = heads["gap"].feature_shape(3)[-1]
+    assert heads["gap"].feature_shape(3) == (6, 6, c)
+    dense = {k: bm.keras.get_layer("exit3_logits").kernel.shape[0] for k, bm in heads.items()}
+    assert dense == {"grid": 9 * c, "gap": c}
+    f = np.zeros((2, 6, 6, c), np.float32)
+    f[0, 2, 1, :], f[1, 2, 4, :] = 1.0, 1.0  # one feature moved 3 px right (its 3x3 conv response stays inside)
+    b = bits_tensor((FP, FP), 2)
+    out = {k: bm.exit_head(3)([tf.constant(f), b], training=False).numpy() for k, bm in heads.items()}
+    np.testing.assert_allclose(out["gap"][0], out["gap"][1], atol=1e-5)  # the average cannot tell where
+    assert np.abs(out["grid"][0] - out["grid"][1]).max() > 1e-3
+    d = heads["gap"].cfg.to_dict()
+    assert d["exit_head"] == "gap"
+    del d["exit_head"]
+    assert ModelConfig.from_dict(d).exit_head == "gap"
+    with pytest.raises(TfbitmetaError, match="unknown exit head"):
+        ModelConfig(exit_head="mean")
+
+
 def test_svhn_cnn_reference_shape_and_size():
     """ep=2 at the reference's 40x40x3 input: 8 conv/FC layers, ~132k parameters (docs/method.md, "Models")."""
     bm = build(ModelConfig(family="svhn_cnn", input_shape=(40, 40, 3), width=2, exits=()))

@@ -90,3 +90,43 @@ def test_unknown_method():
 
     with pytest.raises(TfbitmetaError):
         make_method("sgd", BitSpace())
+
+
+def test_exit_distillation_trains_the_exit_and_extractor_never_the_backend():
+    """The exits' KL to the final head (default ``exit_distill``) is in the step's loss, and its gradient reaches
+    the exit head and the extractor under it only: with plain SGD the backend's update is the same with or without
+    it, the exit head's is not."""
+    from tfbitmeta.meta.loop import exit_distillation, make_train_step
+    from tfbitmeta.models import ModelConfig, build
+
+    final = tf.constant([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    assert float(exit_distillation(final, final)) == pytest.approx(0.0, abs=1e-6)
+    exit_logits = tf.Variable([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(final)
+        kl = exit_distillation(final, exit_logits)
+    assert float(kl) > 0.1
+    assert tape.gradient(kl, final) is None and float(tf.reduce_max(tf.abs(tape.gradient(kl, exit_logits)))) > 0
+
+    bm = build(ModelConfig(family="svhn_cnn", input_shape=(24, 24, 1), width=1, candidates=BitSpace((4, FP)),
+                           bn_mode="batch", dropout=0.0, exit_head="grid"))
+    model, init = bm.keras, bm.keras.get_weights()
+    x = tf.constant(np.random.default_rng(0).normal(size=(16, 24, 24, 1)).astype(np.float32))
+    y = tf.constant(np.arange(16) % 10, tf.int32)
+    tasks = tf.constant([[FP, FP], [4, 4]], tf.float32)
+
+    def update(exit_distill):
+        model.set_weights(init)
+        step = make_train_step(model, tf.keras.optimizers.SGD(1.0), True, 0.5, 1e6, (24, 24, 1), exit_distill)
+        step(x, y, tasks)
+        return {v.name: v.numpy() - w for v, w in zip(model.weights, init)}
+
+    plain, distilled = update(0.0), update(1.0)
+    backend = {v.name for v in bm.backend(3).trainable_variables}
+    exit_head = {v.name for v in bm.exit_head(3).trainable_variables}
+    extractor = {v.name for v in bm.extractor(3).trainable_variables}
+    assert backend and exit_head and not backend & (exit_head | extractor)
+    for name in backend:
+        np.testing.assert_allclose(distilled[name], plain[name], atol=1e-6, err_msg=name)
+    assert max(float(np.abs(distilled[n] - plain[n]).max()) for n in exit_head) > 1e-4
+    assert max(float(np.abs(distilled[n] - plain[n]).max()) for n in extractor) > 1e-6

@@ -201,6 +201,8 @@ def main():
 @click.option("--exit-weight", type=float, default=0.5, show_default=True, help="loss weight of early-exit heads")
 @click.option("--exit-distill", type=float, default=1.0, show_default=True,
               help="weight of the early exits' distillation from the final head")
+@click.option("--exit-head", type=click.Choice(["grid", "gap"]), default="grid", show_default=True,
+              help="early-exit head pooling: grid (max-pool to 3x3, flatten) or gap (global average, the old head)")
 @click.option("--image-size", type=click.IntRange(4), default=None, help="resize images to N x N")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="use only the first N training images")
 @click.option("--patience", type=click.IntRange(1), default=None, help="early stopping after N epochs without gain")
@@ -212,7 +214,7 @@ def main():
 @fewshot_options
 @user_errors
 def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_mode, num_tasks, epochs, steps,
-          batch_size, lr, exit_weight, exit_distill, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet,
+          batch_size, lr, exit_weight, exit_distill, exit_head, image_size, limit_train, patience, ckpt_every, seed, out, resume, quiet,
           **fewshot):
     """Train one model (MEBQAT by default) and print its test accuracy at every candidate bitwidth."""
     if fewshot_kind(method):
@@ -236,7 +238,7 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
                        num_tasks=num_tasks, exit_weight=exit_weight, exit_distill=exit_distill, seed=seed, ckpt_every=ckpt_every,
                        limit_train=limit_train, patience=patience)
     mopts = ModelOptions(family=family, width=width, scheme=scheme, bits=bit_values, w_eq_a=w_eq_a,
-                         first_last=first_last, bn_mode=bn_mode, image_size=image_size)
+                         first_last=first_last, bn_mode=bn_mode, image_size=image_size, exit_head=exit_head)
     result = run_train(out, tcfg, mopts, resume=resume, progress=not quiet)
     m = result["meta"]
     click.echo(f"\n{m['method']} on {m['dataset']} ({m['model']}, {m['scheme']}): {m['steps']} steps, "

@@ -1,6 +1,10 @@
-"""MEBQAT vs any-precision vs dedicated QAT on Fashion-MNIST at the same number of optimizer steps.
+"""MEBQAT vs any-precision vs dedicated QAT on Fashion-MNIST at the same number of optimizer steps, and tfmot's
+own 8-bit QAT of the same layers (same data, steps, batches) next to our 8-bit export of the one MEBQAT model
+(the ``tfmot`` row: ``bench_tfmot.side_by_side``).
 
 Writes benchmarks/results/mebqat_fashion_mnist.{json,png}.  See benchmarks/README.md for the exact command.
+``--only`` re-runs a subset; the other runs come from their run directories in ``--work`` or, when those are
+absent, from ``--previous`` (an earlier result JSON), and ``provenance`` says which run each row comes from.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from bench_tfmot import side_by_side
 from tfbitmeta.data import datasets
 from tfbitmeta.meta.evaluate import Predictor, plot_accuracy
 from tfbitmeta.runs import RunDir, TrainConfig
@@ -53,7 +58,10 @@ def main():
     ap.add_argument("--work", default="runs/bench_mebqat")
     ap.add_argument("--out", default="benchmarks/results/mebqat_fashion_mnist")
     ap.add_argument("--batch1-images", type=int, default=500)
-    ap.add_argument("--only", default=None, help="comma list of run names to (re)train, e.g. mebqat,dedicated_4")
+    ap.add_argument("--only", default=None,
+                    help="comma list of runs to (re)train, e.g. mebqat,tfmot or dedicated_4 (tfmot needs mebqat's run)")
+    ap.add_argument("--previous", default=None,
+                    help="earlier result JSON: runs not re-run whose directory is absent are taken from it")
     args = ap.parse_args()
 
     work = Path(args.work)
@@ -70,15 +78,37 @@ def main():
         plan[f"dedicated_{config_name((b, b))}"] = (TrainConfig(method="dedicated", **base),
                                                     ModelOptions(bits=(b,), w_eq_a=True, **mopts), [(b, b)])
     only = set(args.only.split(",")) if args.only else None
-    results = {}
+    unknown = (only or set()) - set(plan) - {"tfmot"}
+    if unknown:
+        ap.error(f"unknown run(s) {', '.join(sorted(unknown))}; choose from {', '.join([*plan, 'tfmot'])}")
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else None
+    prev_source = previous and f"previous run {previous['finished']} ({previous['command']})"
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    results, provenance = {}, {}
     for name, (tcfg, mo, cfgs) in plan.items():
         d = work / name
         if only is None or name in only:
             shutil.rmtree(d, ignore_errors=True)
             print(f"== training {name}", flush=True)
             train(d, tcfg, mo, progress=True, eval_configs=cfgs)
+            provenance[name] = f"this run (started {started})"
+        elif not (d / "results.json").exists() and previous and name in previous["runs"]:
+            results[name] = previous["runs"][name]
+            provenance[name] = prev_source
+            continue
+        else:
+            provenance[name] = f"run directory {d} (not re-trained)"
         results[name] = json.loads((d / "results.json").read_text())
-        results[name]["status"] = RunDir(d).read_meta()["status"]
+    splits = datasets.load(args.dataset, seed=args.seed)
+    if only is None or "tfmot" in only:
+        print("== tfmot 8-bit QAT beside the mebqat model's 8-bit export", flush=True)
+        tfmot = side_by_side(work / "mebqat", splits, work / "tfmot", args.steps, args.batch_size, TrainConfig().lr,
+                             args.seed, int(round(args.width)))
+        provenance["tfmot"] = f"this run (started {started}), beside mebqat's {provenance['mebqat']}"
+    elif previous and "tfmot" in previous:
+        tfmot, provenance["tfmot"] = previous["tfmot"], prev_source
+    else:
+        tfmot = None
 
     batch1 = batch1_agreement(work / "mebqat", args.dataset, args.seed, args.batch1_images, eval_cfgs)
 
@@ -122,8 +152,8 @@ def main():
            "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                        "tensorflow": tf.__version__},
            "settings": {k: v for k, v in vars(args).items()}, "table": table, "summary": summary,
-           "runs": {k: {"meta": v["meta"], "rows": v["rows"]} for k, v in results.items()},
-           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "tfmot": tfmot, "runs": {k: {"meta": v["meta"], "rows": v["rows"]} for k, v in results.items()},
+           "provenance": provenance, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     outp = Path(args.out)
     outp.parent.mkdir(parents=True, exist_ok=True)
     outp.with_suffix(".json").write_text(json.dumps(out, indent=2))
@@ -131,7 +161,8 @@ def main():
     plot_accuracy({"MEBQAT (one model)": results["mebqat"]["rows"], "any-precision (one model)": results["anyprec"]["rows"],
                    "dedicated (one model per bitwidth)": ded_rows}, outp.with_suffix(".png"),
                   f"{args.dataset}, {args.model} x{args.width:g}, {args.scheme}, {args.steps} steps each")
-    print(json.dumps({"table": table, "summary": summary}, indent=2))
+    print(json.dumps({"table": table, "summary": summary, "tfmot": tfmot and {k: tfmot[k] for k in ("ratios",)},
+                      "provenance": provenance}, indent=2))
 
 
 if __name__ == "__main__":

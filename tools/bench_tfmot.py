@@ -93,28 +93,13 @@ def reference_check(buf: bytes, feeds: dict, n: int) -> dict:
         return {"bit_exact": False, "unsupported": str(e)}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dataset", default="fashion_mnist")
-    ap.add_argument("--width", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", default="runs/bench_tfmot")
-    ap.add_argument("--reuse", action="store_true", help="reuse the MEBQAT run in --work")
-    ap.add_argument("--reference-images", type=int, default=2000, help="images for the bit-exactness check")
-    ap.add_argument("--out", default="benchmarks/results/tfmot_fashion_mnist")
-    args = ap.parse_args()
-
-    work = Path(args.work)
-    splits = datasets.load(args.dataset, seed=args.seed)
-    run_dir = work / "mebqat"
-    if not args.reuse:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        train(run_dir, TrainConfig(method="mebqat", dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
-                                   lr=args.lr, seed=args.seed, ckpt_every=500),
-              ModelOptions(family="svhn_cnn", width=args.width, scheme="exact", bits=DEFAULT_BITS), progress=False)
+def side_by_side(run_dir: Path, splits, work: Path, steps: int, batch_size: int, lr: float, seed: int, width: int,
+                 reference_images: int = 2000) -> dict:
+    """Our 8-bit export of the MEBQAT run in ``run_dir`` next to tfmot's 8-bit QAT of the same layers, trained
+    here with ``steps`` steps of ``batch_size`` (the run's own optimizer, schedule and batches): ``{"ours_8bit",
+    "tfmot_qat8", "ratios", "note"}``.  Files go to ``work``.  Used by this tool and by ``bench_mebqat.py``
+    (its ``tfmot`` row)."""
+    work.mkdir(parents=True, exist_ok=True)
     run = RunDir(run_dir)
     bm, norm = run.load_model(), run.normalization()
     meta = run.read_meta()
@@ -140,12 +125,12 @@ def main():
                                   for t in (1, 2)},
             "train_seconds": meta["status"]["train_seconds"], "steps": meta["status"]["steps"],
             "backward_passes": meta["status"]["backward_passes"],
-            "integer_reference": {"front_end": reference_check(bufs["front_end"], {"image": pt}, args.reference_images),
+            "integer_reference": {"front_end": reference_check(bufs["front_end"], {"image": pt}, reference_images),
                                   "backend": reference_check(bufs["backend"], {"features": front["features"]},
-                                                             args.reference_images)}}
+                                                             reference_images)}}
 
     # -- tfmot: quantize_model on the same architecture -------------------------------------------------------
-    qat, seconds = train_tfmot(splits, norm, args.steps, args.batch_size, args.lr, args.seed, args.width)
+    qat, seconds = train_tfmot(splits, norm, steps, batch_size, lr, seed, width)
     keras_tfmot = keras_probs(qat, xt)
     conv = tf.lite.TFLiteConverter.from_keras_model(qat)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -163,21 +148,46 @@ def main():
            "top1_agreement": float(np.mean(keras_tfmot.argmax(-1) == lite_tfmot.argmax(-1))),
            "bytes": len(buf), "latency_ms_batch1": {f"{t}_threads": round(latency_ms(path, t, runs=200), 4)
                                                     for t in (1, 2)},
-           "train_seconds": round(seconds, 2), "steps": args.steps, "backward_passes": args.steps,
-           "integer_reference": reference_check(buf, {name: xt}, args.reference_images)}
+           "train_seconds": round(seconds, 2), "steps": steps, "backward_passes": steps,
+           "integer_reference": reference_check(buf, {name: xt}, reference_images)}
+    return {"ours_8bit": ours, "tfmot_qat8": tfm,
+            "ratios": {"accuracy_pp_tflite_ours_minus_tfmot": round(100 * (ours["tflite_accuracy"] - tfm["tflite_accuracy"]), 2),
+                       "bytes_ours_over_tfmot": round(ours["bytes"] / tfm["bytes"], 3),
+                       "latency_1thread_ours_over_tfmot": round(ours["latency_ms_batch1"]["1_threads"] /
+                                                                tfm["latency_ms_batch1"]["1_threads"], 3)},
+            "note": "ours is ONE model trained for every bitwidth (4 bitwidth tasks per step); tfmot trains one "
+                    "8-bit model (1 task per step); same steps and batches. Ours is two files (device front end with "
+                    "an early exit + server backend); latency is their sum."}
 
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--width", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="runs/bench_tfmot")
+    ap.add_argument("--reuse", action="store_true", help="reuse the MEBQAT run in --work")
+    ap.add_argument("--reference-images", type=int, default=2000, help="images for the bit-exactness check")
+    ap.add_argument("--out", default="benchmarks/results/tfmot_fashion_mnist")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    splits = datasets.load(args.dataset, seed=args.seed)
+    run_dir = work / "mebqat"
+    if not args.reuse:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        train(run_dir, TrainConfig(method="mebqat", dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
+                                   lr=args.lr, seed=args.seed, ckpt_every=500),
+              ModelOptions(family="svhn_cnn", width=args.width, scheme="exact", bits=DEFAULT_BITS), progress=False)
+    result = side_by_side(run_dir, splits, work, args.steps, args.batch_size, args.lr, args.seed, args.width,
+                          args.reference_images)
     out = {"command": "uv run python tools/bench_tfmot.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, True)),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__},
-           "settings": vars(args), "ours_8bit": ours, "tfmot_qat8": tfm,
-           "ratios": {"accuracy_pp_tflite_ours_minus_tfmot": round(100 * (ours["tflite_accuracy"] - tfm["tflite_accuracy"]), 2),
-                      "bytes_ours_over_tfmot": round(ours["bytes"] / tfm["bytes"], 3),
-                      "latency_1thread_ours_over_tfmot": round(ours["latency_ms_batch1"]["1_threads"] /
-                                                               tfm["latency_ms_batch1"]["1_threads"], 3)},
-           "note": "ours is ONE model trained for every bitwidth (4 bitwidth tasks per step); tfmot trains one "
-                   "8-bit model (1 task per step); same steps and batches. Ours is two files (device front end with "
-                   "an early exit + server backend); latency is their sum.",
-           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "settings": vars(args), **result, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     p = Path(args.out).with_suffix(".json")
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=2))

@@ -35,6 +35,14 @@ def lr_schedule(lr: float, total_steps: int):
     return tf.keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr * 0.1**i for i in range(len(bounds) + 1)])
 
 
+def exit_distillation(final_logits, exit_logits):
+    """Mean KL(final || exit) of an early exit to its own model's final head, the teacher behind a stop-gradient
+    (so the term trains the exit head and the extractor under it, never the backend or the final head).  The soft
+    cross-entropy minus the teacher's entropy: same gradient, and 0 when the exit matches the final head."""
+    final = tf.stop_gradient(tf.nn.softmax(final_logits))
+    return tf.reduce_mean(tf.reduce_sum(tf.math.xlogy(final, final) - final * tf.nn.log_softmax(exit_logits), -1))
+
+
 def make_train_step(model: tf.keras.Model, optimizer, distill: bool, exit_weight: float, clip: float, image_shape,
                     exit_distill: float = 0.0):
     """``exit_distill``: weight of each early-exit head's KL divergence to the stop-gradient softmax of the
@@ -56,10 +64,7 @@ def make_train_step(model: tf.keras.Model, optimizer, distill: bool, exit_weight
                 soft = -tf.reduce_mean(tf.reduce_sum(teacher[k] * tf.nn.log_softmax(out[k]), axis=-1))
                 task = task + quantized * soft
             if k != "logits" and exit_distill:
-                # KL(final || exit): the soft cross-entropy's gradient, minus the teacher's entropy (so it tends to 0)
-                final = tf.stop_gradient(tf.nn.softmax(out["logits"]))
-                kl = tf.reduce_sum(tf.math.xlogy(final, final) - final * tf.nn.log_softmax(out[k]), axis=-1)
-                task = task + exit_distill * tf.reduce_mean(kl)
+                task = task + exit_distill * exit_distillation(out["logits"], out[k])
             loss = loss + w * task
         return loss, out
 
@@ -257,4 +262,4 @@ def checkpoint_bytes(directory: Path) -> int:
     return int(sum(p.stat().st_size for p in Path(directory).glob("*") if p.is_file() and p.name != "checkpoint"))
 
 
-__all__ = ["TrainingLoop", "Trainer", "FitResult", "make_train_step", "lr_schedule"]
+__all__ = ["TrainingLoop", "Trainer", "FitResult", "make_train_step", "exit_distillation", "lr_schedule"]

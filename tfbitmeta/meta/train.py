@@ -28,6 +28,7 @@ class ModelOptions:
     bn_mode: str = "calibrated"
     image_size: int | None = None
     exits: tuple[int, ...] | None = None
+    exit_head: str = "grid"  # models.base.EXIT_HEADS; "gap" is the head runs had before (docs/method.md)
 
 
 def set_determinism(seed: int):
@@ -55,7 +56,8 @@ def prepare(out: Path, tcfg: TrainConfig, mopts: ModelOptions, resume: bool = Fa
         space = BitSpace(mopts.bits, mopts.w_eq_a)
         mcfg = ModelConfig(family=mopts.family, input_shape=norm.model_input_shape(splits.image_shape[-1]),
                            num_classes=splits.num_classes, width=mopts.width, scheme=mopts.scheme,
-                           first_last=mopts.first_last, bn_mode=mopts.bn_mode, candidates=space, exits=mopts.exits)
+                           first_last=mopts.first_last, bn_mode=mopts.bn_mode, candidates=space, exits=mopts.exits,
+                           exit_head=mopts.exit_head)
     bm = build(mcfg)
     method = make_method(tcfg.method, mcfg.candidates, tcfg.seed, tcfg.num_tasks)
     if not resume:

@@ -67,9 +67,15 @@ class ModelConfig:
     # feature adapter at the (single) exit split: max-pool to ``size`` (when larger), then a quantized 1x1 conv ->
     # BatchNorm -> ReLU+Q to ``channels``, so models of different families emit one common feature shape
     adapter: dict | None = None  # {"channels": C, "size": [H, W]}
+    # early-exit head's pooling, a key of EXIT_HEADS: "gap" (global average) or "grid" (max-pool to a small grid,
+    # flattened: keeps where features are); runs written before the field existed have "gap"
+    exit_head: str = "gap"
 
     def __post_init__(self):
         self.first_last = first_last_precision(self.first_last, self.scheme)
+        if self.exit_head not in EXIT_HEADS:
+            raise BadArgument(f"unknown exit head {self.exit_head!r}; choose from {', '.join(EXIT_HEADS)}",
+                              param="exit_head")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -139,20 +145,41 @@ class Stage:
             return self.fn(h, bits)
 
 
-class ExitHead:
-    """Early-exit classifier: quantized 3x3 conv -> BN -> ReLU+Q, global average pooling, dense (last-layer
-    precision).  Its width is the width of the features it reads."""
+EXIT_GRID = 3  # the "grid" exit head max-pools its feature map to at most EXIT_GRID x EXIT_GRID
 
-    def __init__(self, L: LayerFactory, num_classes: int, split: int, channels: int):
+
+class ExitHead:
+    """Early-exit classifier: quantized 3x3 conv -> BN -> ReLU+Q, pooling, dense (last-layer precision).  Its
+    width is the width of the features it reads.
+
+    ``kind`` (docs/method.md, "Early exits"): ``"gap"`` pools globally (average) -- a class's evidence must then
+    be the same anywhere in the image; ``"grid"`` max-pools to at most :data:`EXIT_GRID` x :data:`EXIT_GRID`
+    cells and flattens them, so the dense layer sees where the features are (a sleeve, a collar).  Max-pooling
+    is exact on the integer grid, so the exported file rounds once less than with the average.
+    """
+
+    def __init__(self, L: LayerFactory, num_classes: int, split: int, channels: int, kind: str = "gap",
+                 in_size=None):
         self.conv = L.conv(channels, 3, name=f"exit{split}_conv")
         self.bn = L.bn(name=f"exit{split}_bn")
         self.relu = L.relu(role="last", name=f"exit{split}_relu")
-        self.pool = tf.keras.layers.GlobalAveragePooling2D(name=f"exit{split}_pool")
+        if kind == "gap":
+            self.pool = [tf.keras.layers.GlobalAveragePooling2D(name=f"exit{split}_pool")]
+        else:
+            grid = [min(EXIT_GRID, int(n)) for n in in_size]
+            (ph, sh), (pw, sw) = (_pool_for(int(i), o) for i, o in zip(in_size, grid))
+            pool = [] if (ph, pw) == (1, 1) else [MaxPool2D((ph, pw), (sh, sw), name=f"exit{split}_pool")]
+            self.pool = pool + [tf.keras.layers.Flatten(name=f"exit{split}_flatten")]
         self.dense = L.dense(num_classes, role="last", name=f"exit{split}_logits")
 
     def __call__(self, h, bits):
         h = self.relu([self.bn([self.conv([h, bits]), bits]), bits])
-        return self.dense([self.pool(h), bits])
+        for layer in self.pool:
+            h = layer(h)
+        return self.dense([h, bits])
+
+
+EXIT_HEADS = ("grid", "gap")
 
 
 class Adapter:
@@ -204,7 +231,10 @@ class BitModel:
             adapter = Adapter(L, int(cfg.adapter["channels"]), cfg.adapter["size"], raw[:2])
             inner = self.stages[s - 1]
             self.stages[s - 1] = Stage(inner.name, lambda h, b, inner=inner: adapter(inner.fn(h, b), b))
-        self.exit_heads = {s: ExitHead(L, cfg.num_classes, s, int(self.feature_shape(s)[-1])) for s in self.exits}
+        self.exit_heads = {}
+        for s in self.exits:
+            shape = self.feature_shape(s)
+            self.exit_heads[s] = ExitHead(L, cfg.num_classes, s, int(shape[-1]), cfg.exit_head, shape[:2])
         image, bits = self._inputs()
         h, outputs = image, {}
         self._feature_shapes = {}
