@@ -8,9 +8,12 @@ algorithm, not of the optimizer, and stays as given.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tfbitmeta.errors import TfbitmetaError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 SCHEDULES = ("cosine", "constant")
 DEFAULT = "cosine"
