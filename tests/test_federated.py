@@ -77,9 +77,10 @@ def test_one_round_lowers_the_clients_loss(tf_sim):
     assert recs[0]["server_ce"] is not None and recs[0]["contrastive"] is not None
 
 
-def _one_round(engine, workers=(), **kw):
+def _one_round(engine, workers=(), start_round=0, **kw):
     sim = Simulation(small(engine=engine, workers=list(workers), **kw), progress=False)
-    rec = sim.run_round(0)
+    sim.state["round"] = np.int32(start_round)
+    rec = sim.run_round(start_round)
     sim.process.close()
     return rec, sim.state, sim.client_states
 
@@ -89,13 +90,15 @@ def _one_round(engine, workers=(), **kw):
 # BatchNorm over near-constant digits channels amplifies kernel rounding ~150x; TFF's worker_binary is another
 # TensorFlow build whose kernels round differently (docs/federated.md, "TFF round = plain-TF round").
 EQUAL_ROUND = dict(local_steps=1, architectures="svhn_cnn-w4,svhn_cnn-w2")
+# the round compared is the second of three, so the cosine schedule's multiplier (0.75) enters both engines
+EQUAL_START, EQUAL_ROUNDS = 1, 3
 
 
 def test_tff_round_equals_plain_tf_round():
     """The TFF IterativeProcess computes the same round as the plain-TF loop (same seed, same batches)."""
     from tfbitmeta.federated.process import TffProcess
 
-    sim = Simulation(small(engine="tff", **EQUAL_ROUND), progress=False)
+    sim = Simulation(small(engine="tff", rounds=EQUAL_ROUNDS, lr_schedule="cosine", **EQUAL_ROUND), progress=False)
     assert isinstance(sim.process, TffProcess)
     ip = sim.process.process
     assert type(ip).__name__ == "IterativeProcess" and set(sim.process.blocks) >= {"distributor", "client_work",
@@ -103,10 +106,14 @@ def test_tff_round_equals_plain_tf_round():
     # what leaves a client (its contribution and metrics) holds no integer tensor: no labels
     out_t = sim.process.blocks["client_work"].type_signature.result
     assert "int" not in str(out_t[2]) and "int" not in str(out_t[3]), out_t
+    sim.state["round"] = np.int32(EQUAL_START)
     start = sim.state
-    rec_tff = sim.run_round(0)
+    # the round's step size is the schedule's at the server's round counter (0.75): on each engine the distributor
+    # broadcasts it, so a TFF round that ignored it would change every weight by 1/0.75 of the plain-TF change
+    rec_tff = sim.run_round(EQUAL_START)
     sim.process.close()
-    rec_tf, state_tf, clients_tf = _one_round("tf", **EQUAL_ROUND)
+    rec_tf, state_tf, clients_tf = _one_round("tf", start_round=EQUAL_START, rounds=EQUAL_ROUNDS,
+                                              lr_schedule="cosine", **EQUAL_ROUND)
     # float tolerance relative to what the round changed (quantized maps make max-pool ties common: with Keras'
     # MaxPool2D gradient, which depends on the kernel's summation order, the bank differed by ~1e-1 of the change)
     def tolerance(new, old):  # 1e-5 of the round's change, plus float32 rounding of the weights themselves
@@ -121,6 +128,66 @@ def test_tff_round_equals_plain_tf_round():
     for a, b in zip(sim.client_states, clients_tf):
         assert max_abs(a["head"], b["head"]) <= tolerance(b["head"], start["head"])
     assert rec_tff["exit_loss"] == pytest.approx(rec_tf["exit_loss"], rel=1e-5)
+
+
+def test_cosine_schedule_values_and_bad_name():
+    from tfbitmeta.federated.schedule import lr_scale
+
+    assert [float(lr_scale("cosine", 4)(r)) for r in range(5)] == pytest.approx(
+        [1.0, (1 + np.cos(np.pi / 4)) / 2, 0.5, (1 - np.cos(np.pi / 4)) / 2, 0.0], abs=1e-6)
+    assert [float(lr_scale("constant", 4)(r)) for r in range(4)] == [1.0] * 4
+    with pytest.raises(TfbitmetaError, match="schedule"):
+        small(lr_schedule="step").check()
+
+
+def test_schedule_scales_every_step_of_the_round():
+    """One step per client (plain SGD): the round's change of the bank, the exit heads and the server backend at a
+    multiplier of 0.5 (round 1 of 2, cosine) is half the change at a constant step size, with the same batches."""
+    changes = {}
+    for schedule in ("cosine", "constant"):
+        sim = Simulation(small(engine="tf", rounds=2, lr_schedule=schedule, **EQUAL_ROUND), progress=False)
+        sim.state["round"] = np.int32(1)
+        start = sim.state
+        rec = sim.run_round(1)
+        changes[schedule] = {p: OrderedDict((k, np.asarray(sim.state[p][k]) - np.asarray(start[p][k]))
+                                            for k in start[p]) for p in ("bank", "head", "server")}
+        assert rec["lr"] == pytest.approx(SimConfig.lr * (0.5 if schedule == "cosine" else 1.0))
+    for part in ("bank", "head", "server"):
+        full = changes["constant"][part]
+        assert max(float(np.max(np.abs(v))) for v in full.values()) > 1e-4, part
+        half = OrderedDict((k, 0.5 * v) for k, v in full.items())
+        assert max_abs(changes["cosine"][part], half) <= 1e-3 * max_abs(full, {k: 0 * v for k, v in full.items()}), part
+
+
+def _deployed(sim):
+    return [tuple(dict(w) for w in sim.deployed_weights(k, personal=False)) for k in range(sim.cfg.clients)]
+
+
+@pytest.mark.parametrize("name", ["centralized", "local", "fedavg"])
+def test_a_round_at_zero_step_size_keeps_what_every_learner_deploys(name):
+    """Training carries over from round to round: after a round whose step size is 0 (the cosine schedule past its
+    last round) every client deploys exactly what it deployed before.  The centralized learner used to restart its
+    extractor from the initial weights every round (it took the never-updated shared bank)."""
+    sim = Simulation(small(engine="tf", algorithm=name, rounds=1, lr_schedule="cosine"), progress=False)
+    sim.run_round(0)
+    before = _deployed(sim)
+    assert sim.history[-1]["lr"] > 0 and int(sim.state["round"]) == 1
+    rec = sim.run_round(1)  # round 1 of a 1-round schedule: multiplier 0
+    assert rec["lr"] == 0.0
+    for (bank0, head0), (bank1, head1) in zip(before, _deployed(sim)):
+        assert max_abs(bank1, bank0) == 0.0 and max_abs(head1, head0) == 0.0
+
+
+def test_centralized_bound_calibrates_on_the_pooled_training_data():
+    """The pooled learner's BatchNorm statistics (every client's deployed copy) come from images of every class,
+    not from the client's own shard: it is tested on every class.  Federated clients keep their own shard."""
+    for name in ("centralized", "harmony"):
+        sim = Simulation(small(engine="tf", algorithm=name, calib_images=256), progress=False)
+        label_of = {x.tobytes(): int(y) for x, y in zip(sim.x_train, sim.y_train)}
+        for k in range(sim.cfg.clients):
+            seen = {label_of[x.tobytes()] for batch in sim.calibration_images(k) for x in batch}
+            expected = set(range(sim.num_classes)) if name == "centralized" else set(sim.parts[k].id_classes.tolist())
+            assert seen == expected, (name, k, seen)
 
 
 # -- what the server sees: TFF type signatures ------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import click
 
 from tfbitmeta.errors import TfbitmetaError
+from tfbitmeta.federated.schedule import DEFAULT as DEFAULT_SCHEDULE, SCHEDULES
 from tfbitmeta.federated.workers import install_reaper
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide C++ start-up noise (cuDNN/TensorRT)
@@ -406,7 +407,11 @@ def _convert_federated(run, out, bits, verify, verify_images, int4, measure_late
                    "(default) bitwidth is assigned round-robin")
 @click.option("--tasks", type=click.IntRange(1, 8), default=2, show_default=True,
               help="bitwidth tasks per client step (the device's own + sampled ones)")
-@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True,
+              help="step size of the client and server SGD steps (and of the MAML inner step)")
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=DEFAULT_SCHEDULE, show_default=True,
+              help="per-round multiplier of the step size, the same for every algorithm: cosine decay over the "
+                   "rounds, or constant (docs/federated.md, 'Learning rate')")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True,
               help="early-exit confidence threshold: below it a client asks the server")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
@@ -420,7 +425,7 @@ def _convert_federated(run, out, bits, verify, verify_images, int4, measure_late
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
 def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds, local_steps, batch_size, architectures,
-             bits, tasks, lr, threshold, dropout, engine, workers, limit_train, seed, out, quiet):
+             bits, tasks, lr, lr_schedule, threshold, dropout, engine, workers, limit_train, seed, out, quiet):
     """Hybrid split federated learning (HARMONY-style) of heterogeneous, bitwidth-adaptive clients."""
     from tfbitmeta.federated.simulation import SimConfig, format_table
     from tfbitmeta.federated.simulation import simulate as run_simulation
@@ -428,7 +433,7 @@ def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds,
     cfg = SimConfig(algorithm=algorithm, dataset=dataset, clients=clients, classes_per_client=classes_per_client,
                     dirichlet=dirichlet, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
                     architectures=architectures, bits=bits, tasks=tasks, lr=lr, inner_lr=lr, server_lr=lr,
-                    threshold=threshold,
+                    lr_schedule=lr_schedule, threshold=threshold,
                     dropout=dropout, engine=engine, workers=[w for w in workers.split(",") if w.strip()],
                     limit_train=limit_train, seed=seed)
     sim, results = run_simulation(cfg, out, progress=not quiet)

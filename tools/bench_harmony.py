@@ -305,7 +305,7 @@ class Job:
         if finetune:
             self.finetune_steps = sim.cfg.finetune_steps
             return [sim.deployed_weights(k)[1] for k in range(sim.cfg.clients)]
-        st = [sim.client_states[0 if self.alg.centralized else k] for k in range(sim.cfg.clients)]
+        st = [sim.client_states[sim.learner_of(k)] for k in range(sim.cfg.clients)]
         return [{n: np.asarray(v) for n, v in (sim.state["head"] if self.alg.share_head else s["head"]).items()}
                 for s in st] if self.alg.finetune_head else [None] * sim.cfg.clients
 

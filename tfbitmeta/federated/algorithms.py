@@ -135,6 +135,7 @@ class Centralized(LabelledServer):
     backend trained with labels."""
     name: str = "centralized"
     share_bank: bool = False
+    lam_bank: float = 1.0  # the one learner keeps its own extractor (nothing is averaged into it)
     single_arch: bool = True
     centralized: bool = True
 

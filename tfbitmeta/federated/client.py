@@ -9,6 +9,9 @@
    into dCE/dlogits with its labels (which never leave it), the server updates and returns dL/dfeatures;
 3. one SGD step on the shared bank slices it used and on its exit head.
 
+Every step size but the inner one is scaled by the round's broadcast ``lr_scale`` (the schedule,
+:mod:`tfbitmeta.federated.schedule`).
+
 The server side runs on the round's copy of the backend that this client's exchanges update (SplitFed-V1
 simulation: the aggregator averages the copies), so the whole round of a client is one TFF client computation.
 Returns the client's new state, its contribution to the aggregate and summed metrics.  A step whose update is
@@ -65,7 +68,7 @@ class ClientWork:
                     for i in range(len(self.space.archs))]
         return tf.switch_case(tf.cast(own, tf.int32), branches)
 
-    def step(self, bank, head, sw, x, y, own, tasks, sim, sim_bits):
+    def step(self, bank, head, sw, x, y, own, tasks, sim, sim_bits, lr_scale=1.0):
         alg, space = self.alg, self.space
         half = tf.shape(x)[0] // 2
         y_s, x_q, y_q = y[:half], x[half:], y[half:]
@@ -92,23 +95,25 @@ class ClientWork:
                 feats = tf.stack([feats_own, feats_sim])
                 with tape.stop_recording():
                     if alg.labels_to_server:
-                        new_sw, dfeats, server_ce = self.server.update_with_labels(sw, feats, y_q, alg.server_weight)
+                        new_sw, dfeats, server_ce = self.server.update_with_labels(sw, feats, y_q, alg.server_weight,
+                                                                                   lr_scale)
                     else:
                         logits = self.server.logits(sw, feats)
                         dlogits, server_ce = self.logit_gradients(logits, y_q)
-                        new_sw, dfeats, contrastive = self.server.update(sw, feats, dlogits)
+                        new_sw, dfeats, contrastive = self.server.update(sw, feats, dlogits, lr_scale)
                 loss = loss + tf.reduce_sum(tf.stop_gradient(dfeats) * feats)
         gb, gh = tape.gradient(loss, (bank, head), unconnected_gradients=tf.UnconnectedGradients.ZERO)
         ok = tf.logical_and(_finite((gb, gh)), _finite(new_sw))
-        bank = OrderedDict((k, tf.where(ok, bank[k] - self.lr * gb[k], bank[k])) for k in bank)
-        head = OrderedDict((k, tf.where(ok, head[k] - self.lr * gh[k], head[k])) for k in head)
+        lr = self.lr * lr_scale
+        bank = OrderedDict((k, tf.where(ok, bank[k] - lr * gb[k], bank[k])) for k in bank)
+        head = OrderedDict((k, tf.where(ok, head[k] - lr * gh[k], head[k])) for k in head)
         sw = OrderedDict((k, tf.where(ok, new_sw[k], sw[k])) for k in sw)
         metrics = tf.stack([tf.where(ok, exit_loss, 0.0), tf.where(ok, server_ce, 0.0),
                             tf.where(ok, contrastive, 0.0), 1.0 - tf.cast(ok, tf.float32)])
         return bank, head, sw, metrics
 
     def round(self, shared, state, data):
-        """``shared``: the broadcast (bank, head, server); ``state``: the client's own (bank, head); ``data``: its
+        """``shared``: the broadcast (bank, head, server, lr_scale); ``state``: the client's own (bank, head); ``data``: its
         batches and the sampled architectures / bitwidths of the round.  Returns (new state, contribution,
         metrics)."""
         alg = self.alg
@@ -120,7 +125,7 @@ class ClientWork:
         sums = tf.zeros([4])
         for s in tf.range(tf.shape(data["x"])[0]):
             bank, head, sw, m = self.step(bank, head, sw, data["x"][s], data["y"][s], data["own"], data["tasks"][s],
-                                          data["sim"][s], data["sim_bits"][s])
+                                          data["sim"][s], data["sim_bits"][s], shared["lr_scale"])
             sums = sums + m
             own_mask = self.space.mask_switch(data["own"])
             sim_mask = self.space.mask_switch(data["sim"][s]) if alg.sample else own_mask

@@ -3,7 +3,8 @@ in a plain TF loop (the reference for the TFF-overhead benchmark and the equalit
 
 Blocks (docs/federated.md):
 
-* **distributor** -- ``federated_broadcast`` of the shared part of the server state (bank, head, server backend);
+* **distributor** -- ``federated_broadcast`` of the shared part of the server state (bank, head, server backend)
+  and of the round's learning-rate multiplier (``lr_scale``, :mod:`tfbitmeta.federated.schedule`);
 * **client work** -- ``federated_map`` of :meth:`ClientWork.round` (each client's local steps with the split
   exchange; its personal state travels as a ``@CLIENTS`` value, TFF 0.87 has no per-client state);
 * **aggregator** -- ``federated_sum`` of the clients' contributions (HeteroFL: each bank entry averaged over the
@@ -41,8 +42,10 @@ def server_apply(alg: Algorithm, state, sums):
     return OrderedDict(bank=bank, head=head, server=server, round=state["round"] + 1)
 
 
-def shared_part(state):
-    return OrderedDict(bank=state["bank"], head=state["head"], server=state["server"])
+def shared_part(state, lr_scale):
+    """What the distributor broadcasts: the shared weights and ``lr_scale(state["round"])``."""
+    return OrderedDict(bank=state["bank"], head=state["head"], server=state["server"],
+                       lr_scale=lr_scale(state["round"]))
 
 
 def _np(tree):
@@ -58,8 +61,8 @@ class LocalProcess:
 
     engine = "tf"
 
-    def __init__(self, client: ClientWork, initial_state: OrderedDict):
-        self.alg, self._init = client.alg, initial_state
+    def __init__(self, client: ClientWork, initial_state: OrderedDict, lr_scale):
+        self.alg, self._init, self.lr_scale = client.alg, initial_state, lr_scale
         self._round = tf.function(client.round)
         self._apply = tf.function(lambda s, sums: server_apply(client.alg, s, sums))
 
@@ -67,7 +70,7 @@ class LocalProcess:
         return _np(self._init)
 
     def next(self, state, client_states, client_data):
-        shared = shared_part(state)
+        shared = shared_part(state, self.lr_scale)
         outs = [self._round(shared, cs, d) for cs, d in zip(client_states, client_data)]
         sums = _sum([o[1] for o in outs])
         return _np(self._apply(state, sums)), [_np(o[0]) for o in outs], _sum([o[2] for o in outs])
@@ -85,8 +88,9 @@ class TffProcess(LocalProcess):
 
     engine = "tff"
 
-    def __init__(self, client: ClientWork, initial_state, example_client_state, example_data, workers=None):
-        super().__init__(client, initial_state)
+    def __init__(self, client: ClientWork, initial_state, example_client_state, example_data, lr_scale,
+                 workers=None):
+        super().__init__(client, initial_state, lr_scale)
         import tensorflow_federated as tff  # lazy: ~20 s, only the federated commands pay it
 
         self.tff, self.workers = tff, list(workers or [])
@@ -97,7 +101,7 @@ class TffProcess(LocalProcess):
         tfc, fc = tff.tensorflow.computation, tff.federated_computation
         state_t, cstate_t = T(_spec(initial_state)), T(_spec(example_client_state))
         data_t = T(_spec(OrderedDict(example_data, slot=np.int32(0))))
-        shared_t = T(_spec(shared_part(initial_state)))
+        shared_t = T(_spec(shared_part(initial_state, lr_scale)))
         alg = client.alg
         init_values = _np(initial_state)
 
@@ -107,7 +111,7 @@ class TffProcess(LocalProcess):
 
         @tfc(state_t)
         def select_shared(state):
-            return shared_part(state)
+            return shared_part(state, lr_scale)
 
         @tfc(shared_t, cstate_t, data_t)
         def client_work(shared, cstate, data):

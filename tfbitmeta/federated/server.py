@@ -35,9 +35,10 @@ class ServerWork:
         logits, _ = self.space.server(weights, flat)
         return tf.reshape(logits, tf.concat([shape[:2], [-1]], 0))
 
-    def update(self, weights, feats, dlogits):
-        """One SGD step on the surrogate ``<dlogits, logits> + mu * NT-Xent(view 0, view 1)``.  Returns (new
-        weights, dL/dfeats, contrastive loss); a non-finite step leaves the weights and returns zero gradients."""
+    def update(self, weights, feats, dlogits, lr_scale=1.0):
+        """One SGD step (``lr * lr_scale``) on the surrogate ``<dlogits, logits> + mu * NT-Xent(view 0, view 1)``.
+        Returns (new weights, dL/dfeats, contrastive loss); a non-finite step leaves the weights and returns zero
+        gradients."""
         with tf.GradientTape() as tape:
             tape.watch(feats)
             tape.watch(weights)
@@ -48,9 +49,9 @@ class ServerWork:
             contrastive = nt_xent(proj[0], proj[1], self.tau) if self.mu else tf.constant(0.0)
             total = tf.reduce_sum(tf.stop_gradient(dlogits) * logits) + self.mu * contrastive
         gw, gf = tape.gradient(total, (weights, feats), unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return self._apply(weights, gw, gf, contrastive)
+        return self._apply(weights, gw, gf, contrastive, lr_scale)
 
-    def update_with_labels(self, weights, feats, labels, server_weight: float):
+    def update_with_labels(self, weights, feats, labels, server_weight: float, lr_scale=1.0):
         """SplitGP: the server receives the labels and computes the cross-entropy of both views itself."""
         with tf.GradientTape() as tape:
             tape.watch(feats)
@@ -60,10 +61,11 @@ class ServerWork:
             ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
             total = server_weight * ce
         gw, gf = tape.gradient(total, (weights, feats), unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        new, gf, _ = self._apply(weights, gw, gf, tf.constant(0.0))
+        new, gf, _ = self._apply(weights, gw, gf, tf.constant(0.0), lr_scale)
         return new, gf, ce
 
-    def _apply(self, weights, gw, gf, metric):
+    def _apply(self, weights, gw, gf, metric, lr_scale):
         ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in [*gw.values(), gf]])
-        new = OrderedDict((k, tf.where(ok, weights[k] - self.lr * gw[k], weights[k])) for k in weights)
+        lr = self.lr * lr_scale
+        new = OrderedDict((k, tf.where(ok, weights[k] - lr * gw[k], weights[k])) for k in weights)
         return new, tf.where(ok, gf, tf.zeros_like(gf)), metric

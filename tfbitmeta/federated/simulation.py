@@ -34,6 +34,7 @@ from tfbitmeta.federated.architectures import DEFAULT_ARCHITECTURES, SERVER, par
 from tfbitmeta.federated.client import ClientWork, mix
 from tfbitmeta.federated.latency import LatencyModel
 from tfbitmeta.federated.process import LocalProcess, TffProcess
+from tfbitmeta.federated.schedule import DEFAULT as DEFAULT_SCHEDULE, lr_scale
 from tfbitmeta.federated.server import ServerWork
 from tfbitmeta.federated.space import ModelSpace
 from tfbitmeta.models import build, min_input_size
@@ -60,6 +61,7 @@ class SimConfig:
     bits: str = "2,4,8"
     tasks: int = 2
     lr: float = 0.05
+    lr_schedule: str = DEFAULT_SCHEDULE  # per-round multiplier of every step size (federated/schedule.py)
     inner_lr: float = 0.05
     server_lr: float = 0.05
     contrastive_weight: float = 0.5
@@ -89,6 +91,7 @@ class SimConfig:
             raise TfbitmetaError(f"dropout must be in [0, 1) (got {self.dropout})", param="dropout")
         parse_architectures(self.architectures)
         self.bit_list()
+        lr_scale(self.lr_schedule, self.rounds)
 
     def bit_list(self) -> list[int]:
         bits = parse_bits(self.bits, all_bits=CLIENT_BITS, keep_order=True)  # 'all': every client bitwidth
@@ -141,6 +144,7 @@ class Simulation:
         self.client_states = [OrderedDict(bank=sp.init_bank, head=sp.init_head) for _ in self.learners]
         server = ServerWork(sp, cfg.server_lr, alg.contrastive, alg.temperature)
         self.client_work = ClientWork(sp, server, alg, cfg.lr, cfg.inner_lr)
+        self.lr_scale = lr_scale(cfg.lr_schedule, cfg.rounds)
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.history: list[dict] = []
         self.process = self._process()
@@ -148,11 +152,12 @@ class Simulation:
 
     def _process(self):
         if self.cfg.engine == "tf":
-            return LocalProcess(self.client_work, self.state)
+            return LocalProcess(self.client_work, self.state, self.lr_scale)
         saved = self.rng.bit_generator.state  # the example for the type signatures must not shift the draws
         example = self._data(0)
         self.rng.bit_generator.state = saved
-        return TffProcess(self.client_work, self.state, self.client_states[0], example, workers=self.cfg.workers)
+        return TffProcess(self.client_work, self.state, self.client_states[0], example, self.lr_scale,
+                          workers=self.cfg.workers)
 
     # -- what one learner trains on in a round ---------------------------------------------------------------
     def _data(self, k: int) -> OrderedDict:
@@ -186,7 +191,8 @@ class Simulation:
         t0 = time.perf_counter()
         n = len(self.learners)
         part = [k for k in range(n) if n == 1 or self.rng.random() >= cfg.dropout]
-        rec = {"round": r + 1, "participants": len(part), "dropped": n - len(part)}
+        rec = {"round": r + 1, "participants": len(part), "dropped": n - len(part),
+               "lr": cfg.lr * float(self.lr_scale(int(self.state["round"])))}
         if part:
             data = [self._data(k) for k in part]
             self.state, states, m = self.process.next(self.state, [self.client_states[k] for k in part], data)
@@ -219,7 +225,7 @@ class Simulation:
         shared bank for HARMONY and FedAvg, SplitGP's lambda-mix, its own for local; the pooled learner's for
         the centralized bound).  With ``finetune_head`` the head is the personal one fine-tuned from it
         (``personal=False``: the head received)."""
-        st = self.client_states[0 if self.alg.centralized else k]
+        st = self.client_states[self.learner_of(k)]
         own = lambda tree: {n: np.asarray(v) for n, v in tree.items()}  # noqa: E731
         bank = own(mix(st["bank"], self.state["bank"], self.alg.lam_bank if not self.alg.centralized else 1.0))
         head = own(mix(st["head"], self.state["head"], self.alg.lam_head if not self.alg.centralized else 1.0))
@@ -243,9 +249,15 @@ class Simulation:
                                         self.cfg.batch_size, self.cfg.seed + 77 + k)
         return cache[key]
 
+    def learner_of(self, k: int) -> int:
+        """The learner whose trained weights client k deploys (the pooled one for the centralized bound)."""
+        return 0 if self.alg.centralized else k
+
     def calibration_images(self, k: int) -> list[np.ndarray]:
-        idx = self.parts[k].train
-        idx = np.random.default_rng([self.cfg.seed, 99, k]).permutation(idx)[:self.cfg.calib_images]
+        """Up to ``calib_images`` training images of the learner client k deploys, in batches: its own shard, or
+        the pooled training set for the centralized bound (its BatchNorm must see every class it is tested on)."""
+        idx = self.learners[self.learner_of(k)].train
+        idx = np.random.default_rng([self.cfg.seed, 99, self.learner_of(k)]).permutation(idx)[:self.cfg.calib_images]
         x = self.x_train[idx]
         return [x[i:i + 256] for i in range(0, len(x), 256)]
 
