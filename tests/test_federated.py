@@ -201,9 +201,11 @@ def _server_signatures(sim):
     f_t = T(tf.TensorSpec([2, None, *sim.space.feature_shape], tf.float32))
     g_t = T(tf.TensorSpec([2, None, sim.num_classes], tf.float32))
     y_t = T(tf.TensorSpec([None], tf.int32))
+    s_t = T(tf.TensorSpec([], tf.float32))  # the round's step-size multiplier
     logits = tff.tensorflow.computation(sw.logits, w_t, f_t)
-    update = tff.tensorflow.computation(sw.update, w_t, f_t, g_t)
-    with_labels = tff.tensorflow.computation(lambda w, f, y: sw.update_with_labels(w, f, y, 0.5), w_t, f_t, y_t)
+    update = tff.tensorflow.computation(sw.update, w_t, f_t, g_t, s_t)
+    with_labels = tff.tensorflow.computation(lambda w, f, y, s: sw.update_with_labels(w, f, y, 0.5, s),
+                                             w_t, f_t, y_t, s_t)
     return logits, update, with_labels
 
 

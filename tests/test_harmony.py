@@ -21,9 +21,9 @@ class RecordingServer(ServerWork):
         super().__init__(*a, **kw)
         self.batches = []
 
-    def update(self, weights, feats, dlogits):
+    def update(self, weights, feats, dlogits, lr_scale):
         self.batches.append((np.array(feats), np.array(dlogits)))
-        return super().update(weights, feats, dlogits)
+        return super().update(weights, feats, dlogits, lr_scale)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ class ServerWork:
         logits, _ = self.space.server(weights, flat)
         return tf.reshape(logits, tf.concat([shape[:2], [-1]], 0))
 
-    def update(self, weights, feats, dlogits, lr_scale=1.0):
+    def update(self, weights, feats, dlogits, lr_scale):
         """One SGD step (``lr * lr_scale``) on the surrogate ``<dlogits, logits> + mu * NT-Xent(view 0, view 1)``.
         Returns (new weights, dL/dfeats, contrastive loss); a non-finite step leaves the weights and returns zero
         gradients."""
@@ -51,7 +51,7 @@ class ServerWork:
         gw, gf = tape.gradient(total, (weights, feats), unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return self._apply(weights, gw, gf, contrastive, lr_scale)
 
-    def update_with_labels(self, weights, feats, labels, server_weight: float, lr_scale=1.0):
+    def update_with_labels(self, weights, feats, labels, server_weight: float, lr_scale):
         """SplitGP: the server receives the labels and computes the cross-entropy of both views itself."""
         with tf.GradientTape() as tape:
             tape.watch(feats)
