@@ -40,14 +40,14 @@ def _reap_tff_workers():
     assert not worker_processes(), "a TFF worker_binary survived the test session"
 
 
-def train_digits(out, bits: str, steps: int):
-    """A small MEBQAT run on digits through the CLI."""
+def train_digits(out, bits: str, steps: int, *extra: str):
+    """A small MEBQAT run on digits through the CLI (``extra``: more ``train`` arguments)."""
     from click.testing import CliRunner
 
     from tfbitmeta.cli import main
 
     r = CliRunner().invoke(main, ["train", "--dataset", "digits", "--steps", str(steps), "--batch-size", "32",
-                                  "--bits", bits, "--out", str(out), "--quiet"])
+                                  "--bits", bits, "--out", str(out), "--quiet", *extra])
     assert r.exit_code == 0, r.output
     (out.parent / "tiny_train_output.txt").write_text(r.output)  # what the user saw (test_cli reads it)
     return out

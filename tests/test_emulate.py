@@ -10,12 +10,14 @@ from tfbitmeta.cli import main
 from tfbitmeta.export import deployed, emulate
 
 
-@pytest.fixture(scope="module")
-def run_1bit(tmp_path_factory):
-    """A small digits MEBQAT run whose candidates include 1 bit (the session's tiny run has 2, 4, 8, fp)."""
+@pytest.fixture(scope="module", params=["grid", "gap"])
+def run_1bit(request, tmp_path_factory):
+    """A small digits MEBQAT run whose candidates include 1 bit (the session's tiny run has 2, 4, 8, fp), with the
+    default grid exit head (max-pool, flatten, dense) and with the global-average one (its MEAN op)."""
     from conftest import train_digits
 
-    return train_digits(tmp_path_factory.mktemp("runs") / "tiny1", "1,2,4,8,fp", 120)
+    out = tmp_path_factory.mktemp("runs") / f"tiny1_{request.param}"
+    return train_digits(out, "1,2,4,8,fp", 120, "--exit-head", request.param)
 
 
 def test_fixed_point_helpers_match_tflite_rounding():
@@ -61,7 +63,8 @@ def test_emulation_equals_interpreter_bit_for_bit_at_every_bitwidth_and_exit(run
                 for o in r["outputs"].values():
                     assert o["max_code_diff"] == 0 and o["images_differing"] == 0
                     assert o.get("top1_agreement", 1.0) == 1.0
-            assert {"CONV_2D", "MEAN", "SOFTMAX", "MAX_POOL_2D"} <= set(front["ops"])
+            head_ops = {"MEAN"} if bm.cfg.exit_head == "gap" else {"RESHAPE"}  # global average / flatten
+            assert {"CONV_2D", "SOFTMAX", "MAX_POOL_2D"} | head_ops <= set(front["ops"]), front["ops"]
 
 
 def test_verify_passes_on_the_default_run(exported):
