@@ -26,6 +26,8 @@ import numpy as np
 
 from tfbitmeta.export.digest import sha256_bytes
 
+POOL = 200  # test images searched for each bitwidth's least confident one
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -34,7 +36,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--run", type=Path, required=True, help="the checkpoint the models were exported from (for test images)")
     ap.add_argument("--models", type=Path, required=True, help="folder from `tfbitmeta convert`")
     ap.add_argument("--bits", default="2,4,8,fp")
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--images", type=int, default=4,
+                    help=f"the first N test images; per bitwidth the least confident of the first {POOL} is added")
     ap.add_argument("--out", type=Path, default=Path("runs/golden"))
     ap.add_argument("--client", type=int, default=None, help="federated models: the client whose front ends to use")
     args = ap.parse_args(argv)
@@ -58,9 +61,20 @@ def main(argv=None) -> dict:
     else:
         tcfg = TrainConfig.from_dict(meta["train"])
         data = datasets.load(tcfg.dataset, seed=tcfg.seed)
-    raw, labels = data.x_test[:args.images], data.y_test[:args.images]
-    pixels = run.normalization().pixels(raw).numpy().astype(np.uint8)
     rt = DeviceRuntime(args.models)
+    norm = run.normalization()
+    # the first --images test images, plus per bitwidth the least confident of the first POOL (relative to its
+    # front end's threshold), so the vectors hold fallback cases however confident the exit heads are
+    pool = norm.pixels(data.x_test[:POOL]).numpy().astype(np.uint8)
+    chosen = list(range(min(args.images, len(pool))))
+    for token in args.bits.split(","):
+        entry, path = rt.choose(parse_config(token), client=args.client)
+        runner = rt.load(entry, path)
+        margin = [runner(image=p[None].astype(np.float32))["exit_probs"][0].max() - float(entry["exit_threshold"])
+                  for p in pool]
+        if (i := int(np.argmin(margin))) not in chosen:
+            chosen.append(i)
+    pixels, labels = pool[chosen], data.y_test[:POOL][chosen]
     args.out.mkdir(parents=True, exist_ok=True)
     images = []
     for i, p in enumerate(pixels):
@@ -116,6 +130,9 @@ def main(argv=None) -> dict:
                     "final_label": int(np.argmax(server_probs)) if fallback else int(np.argmax(probs)),
                     "true_label": int(labels[i]),
                 })
+    if not any(c["fallback"] for c in cases):  # the device tests check the server path on one
+        raise SystemExit(f"the golden cases need a fallback: every one of the first {POOL} test images exits early "
+                         "at every bitwidth asked for")
     sizes = sorted({f["bytes"] for f in rt.fronts(args.client)})
     choices = []
     for budget in sorted({b for s in sizes for b in (s - 1, s)} | {sizes[-1] * 10}):
