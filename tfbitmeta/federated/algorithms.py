@@ -64,8 +64,8 @@ class Algorithm:
 class Harmony(Algorithm):
     """Ours: shared extractor bank (HeteroFL) and shared exit head, server CE on sampled views, contrastive on both;
     at deployment a personal head fine-tuned from the shared one, routing on the Mahalanobis distance of the shared
-    features to the client's class means (AUROC 0.975 vs 0.534 for the shared head's posterior in the same
-    benchmark run, docs/harmony.md) calibrated on its validation ID data, deferral to the exit head on the
+    features to the client's class means (AUROC 0.964 vs 0.541 for the shared head's posterior in the same
+    benchmark runs, docs/harmony.md) calibrated on its validation ID data, deferral to the exit head on the
     client's classes."""
     share_head: bool = True
     lam_head: float = 0.0
