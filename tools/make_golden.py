@@ -67,9 +67,11 @@ def main(argv=None) -> dict:
     # front end's threshold), so the vectors hold fallback cases however confident the exit heads are
     pool = norm.pixels(data.x_test[:POOL]).numpy().astype(np.uint8)
     chosen = list(range(min(args.images, len(pool))))
+    fronts = {}  # token -> (manifest entry, loaded front end), loaded once for the search and the cases
     for token in args.bits.split(","):
         entry, path = rt.choose(parse_config(token), client=args.client)
-        runner = rt.load(entry, path)
+        fronts[token] = entry, rt.load(entry, path)
+        runner = fronts[token][1]
         margin = [runner(image=p[None].astype(np.float32))["exit_probs"][0].max() - float(entry["exit_threshold"])
                   for p in pool]
         if (i := int(np.argmin(margin))) not in chosen:
@@ -89,9 +91,7 @@ def main(argv=None) -> dict:
     cfg = ServeConfig(models=args.models, port=port, max_delay_ms=0)
     cases = []
     with BackgroundServer(create_app(cfg), cfg) as url:
-        for token in args.bits.split(","):
-            entry, path = rt.choose(parse_config(token), client=args.client)
-            runner = rt.load(entry, path)
+        for entry, runner in fronts.values():
             for i, png in enumerate(images):
                 x = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32).reshape(pixels[i].shape)
                 out = runner(image=x[None])
