@@ -105,17 +105,49 @@ def server(exported, tiny_run, tmp_path_factory):
         yield url, app
 
 
+def run_cli_with_deadline(cmd: list, timeout: float, attempts: int = 2):
+    """Run a ``tfbitmeta`` command in its own process group with piped output, as a user's shell would.
+
+    TFF's local execution stack has hung intermittently (both processes asleep on a loopback connection; docs/stack.md,
+    "Intermittent TFF hangs"). On a deadline the command's Python stacks are dumped (``SIGUSR1``, registered by the CLI),
+    the whole group -- the command and its ``worker_binary`` -- is killed by its group id, and the command is run again
+    once; the dump is reported as a warning, so a recurring hang stays visible without blocking CI."""
+    import signal
+    import subprocess
+    import time
+    import warnings
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(3)
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            msg = f"attempt {attempt}: {' '.join(cmd[2:5])} exceeded {timeout:.0f} s; its stacks:\n{err[-6000:]}"
+            if attempt == attempts:
+                raise AssertionError(msg) from None
+            warnings.warn(msg)
+
+
 @pytest.fixture(scope="session")
 def sfl_run(tmp_path_factory):
     """`tfbitmeta simulate` as a user runs it (TFF engine, output piped: an orphaned worker would hang it)."""
-    import subprocess
+    import shutil
     import sys
 
     out = tmp_path_factory.mktemp("sfl") / "run"
     cmd = [sys.executable, "-m", "tfbitmeta.cli", "simulate", "--dataset", "digits", "--clients", "3",
            "--classes-per-client", "3", "--rounds", "2", "--local-steps", "15", "--batch-size", "32",
            "--bits", "2,4,8", "--lr", "0.1", "--out", str(out), "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    r = run_cli_with_deadline(cmd, timeout=900, attempts=2)
+    if r.returncode != 0 and out.exists():
+        shutil.rmtree(out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 

@@ -20,3 +20,39 @@ def test_reaper_stops_worker_binary(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_deadline_dumps_stacks_kills_the_group_and_retries(tmp_path):
+    """The TFF fixture's guard: a command that hangs (with a child holding its pipes, like worker_binary) is
+    dumped, killed with its whole process group, retried once, and then fails with the dump."""
+    import sys
+    import warnings
+
+    import pytest
+
+    from conftest import run_cli_with_deadline
+
+    pidfile = tmp_path / "child.pid"
+    code = ("import faulthandler, signal, subprocess, time\n"
+            "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+            f"open({str(pidfile)!r}, 'a').write(str(subprocess.Popen(['sleep', '300']).pid) + '\\n')\n"
+            "def hung_here():\n    time.sleep(300)\n"
+            "hung_here()\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(AssertionError, match="hung_here"):
+            run_cli_with_deadline([sys.executable, "-c", code], timeout=3, attempts=2)
+    assert len([w for w in caught if "attempt 1" in str(w.message)]) == 1
+    children = [int(p) for p in pidfile.read_text().split()]
+    assert len(children) == 2  # one per attempt
+    for pid in children:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_deadline_returns_a_finished_command():
+    import sys
+
+    from conftest import run_cli_with_deadline
+
+    r = run_cli_with_deadline([sys.executable, "-c", "print('ok')"], timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, "ok")

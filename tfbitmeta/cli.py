@@ -19,10 +19,12 @@ library.
 """
 from __future__ import annotations
 
+import faulthandler
 import functools
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -172,6 +174,8 @@ def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, e
 def main():
     """Bitwidth-adaptive meta-learned QAT (MEBQAT) for TensorFlow/Keras."""
     install_reaper()
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's Python stack to stderr (docs/stack.md)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 @main.command()
