@@ -230,7 +230,7 @@ def test_heterofl_aggregation_on_hand_made_sums():
     sums = OrderedDict(bank=OrderedDict(w=delta), bank_weight=OrderedDict(w=weight),
                        head=OrderedDict(h=np.array([40.0, 0.0], np.float32)), server=OrderedDict(s=np.ones(1, np.float32) * 80),
                        weight=np.float32(40))
-    out = server_apply(algorithms.get("harmony-personal-heads"), state, sums)
+    out = server_apply(algorithms.get("harmony"), state, sums)
     np.testing.assert_allclose(np.asarray(out["bank"]["w"]), [6.0, 8.0, 11.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out["head"]["h"]), [0.0, 0.0])      # heads stay personal
     np.testing.assert_allclose(np.asarray(out["server"]["s"]), [2.0])         # backend copies averaged

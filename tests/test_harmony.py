@@ -86,20 +86,28 @@ def test_sampled_views_are_balanced_and_independent_of_the_client(sim):
 
 def test_harmony_components_are_parameters_and_deployment_ablations_train_the_same():
     h = AL.get("harmony")
-    assert h.share_head and h.lam_head == 0.0 and not h.labels_to_server
-    assert (h.router, h.keep_local, h.finetune_head, h.defer_own_classes) == ("mahalanobis", 0.95, True, True)
-    for name in AL.DEPLOYMENT_ABLATIONS:
-        a = AL.get(name)
-        assert AL.same_training(a, h) and a != h, name
+    assert not h.share_head and h.lam_head == 1.0 and h.share_bank and not h.labels_to_server  # personal heads
+    assert (h.router, h.keep_local, h.finetune_head, h.defer_own_classes) == ("mahalanobis", 0.95, False, True)
+    shared = AL.get("harmony-shared-head")
+    assert shared.share_head and shared.finetune_head and not AL.same_training(shared, h)
+    variants = {n: AL.deployment_variants(n) for n in ("harmony", "harmony-shared-head")}
+    assert variants == {"harmony": ["harmony-max-softmax", "harmony-no-defer"],
+                        "harmony-shared-head": ["harmony-posterior", "harmony-no-finetune"]}
+    for base, names in variants.items():
+        for name in names:
+            a = AL.get(name)
+            assert AL.same_training(a, AL.get(base)) and a != AL.get(base), name
     assert not AL.same_training(AL.get("harmony-no-contrastive"), h)
-    assert not AL.same_training(AL.get("harmony-personal-heads"), h)
+    assert AL.deployment_variants("splitgp") == []
     s = AL.get("splitgp")
     assert s.router == "max_softmax" and s.keep_local is None and s.labels_to_server
 
 
-def test_fine_tuning_the_head_lowers_the_client_loss_and_leaves_the_shared_path(sim):
+def test_fine_tuning_the_head_lowers_the_client_loss_and_leaves_the_shared_path(sim, monkeypatch):
     from tfbitmeta.federated.personalize import fine_tune_head
 
+    monkeypatch.setattr(sim, "alg", AL.get("harmony-shared-head"))  # the variant that fine-tunes at deployment
+    monkeypatch.setattr(sim, "_personal_heads", {}, raising=False)
     k = 0
     bank, head = sim.deployed_weights(k, personal=False)
     tr = sim.parts[k].train

@@ -233,11 +233,12 @@ def _json(o):
 
 
 # -- the stack under test -----------------------------------------------------------------------------------
-# trained algorithms (one training run each); "harmony" is also evaluated as each of its deployment ablations
+# trained algorithms (one training run each); "harmony" and "harmony-shared-head" are also evaluated as each of
+# their deployment ablations (algorithms.deployment_variants)
 # (another router / no fine-tuning / no deferral: the same training run, so free of training noise)
 TRAINED = ["harmony", "splitgp", "fedavg", "local", "centralized", "splitgp-homogeneous",
-           "harmony-personal-heads", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"]
-ABLATIONS = {"harmony-personal-heads", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"}
+           "harmony-shared-head", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"]
+ABLATIONS = {"harmony-shared-head", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"}
 ORDER = TRAINED
 
 
@@ -310,12 +311,12 @@ class Job:
                 for s in st] if self.alg.finetune_head else [None] * sim.cfg.clients
 
     def reports(self, keep_local: float, final: bool) -> dict:
-        """{algorithm name: report}: the trained algorithm's, and at the end of a "harmony" run also every
+        """{algorithm name: report}: the trained algorithm's, and at the end of the run also every
         deployment ablation's (same training).  Before the end, ours is evaluated without fine-tuning."""
         from tfbitmeta.federated import algorithms as AL
         from tfbitmeta.federated import report
 
-        names = [self.name] + (list(AL.DEPLOYMENT_ABLATIONS) if final and self.name == "harmony" else [])
+        names = [self.name] + (AL.deployment_variants(self.name) if final else [])
         router_heads = [self.sim.state["head"]] * self.sim.cfg.clients if self.alg.share_head and self.alg.split \
             else None
         out, cols = {}, {}
@@ -366,7 +367,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: digits, 4 clients, 2 rounds, one seed")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="harmony")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="no training: merge the runs of result files written by separate processes (e.g. one seed "
+                         "each, run side by side) into <out>/<name>.json, with every source's command")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out, args.name)
+        return
     if args.quick:
         args.datasets, args.seeds, args.clients, args.rounds, args.eval_every = "digits", "0", 4, 3, 1
         args.local_steps, args.finetune_rounds = 2, 1
@@ -398,6 +405,33 @@ def tabulate(runs: dict) -> dict:
     if "local" in runs and "harmony" in runs:
         out["id_vs_local_per_client_pp"] = per_client_gap(runs["harmony"], runs["local"])
     return out
+
+
+def merge(paths: list, out: Path, name: str) -> None:
+    """One table from several result files: their runs pooled per dataset and algorithm, the table and targets
+    recomputed; ``meta.sources`` keeps each file's own meta (command, date, wall time)."""
+    runs, sources = {}, []
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        sources.append({"file": Path(path).name, **d["meta"]})
+        for ds, res in d["results"].items():
+            for variant, reps in res["runs"].items():
+                have = runs.setdefault(ds, {}).setdefault(variant, [])
+                seen = {r["seed"] for r in have}
+                dup = [r["seed"] for r in reps if r["seed"] in seen]
+                if dup:
+                    raise SystemExit(f"{path}: {ds} {variant} seed {dup} is already in an earlier file")
+                have.extend(reps)
+    results = {ds: tabulate(r) for ds, r in runs.items()}
+    meta = {"merged_from": [s["file"] for s in sources], "sources": sources,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "total_seconds": max(s["total_seconds"] for s in sources), "budget": sources[0]["budget"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=_json))
+    plot_curves(results, out / f"{name}.png")
+    plot_sweep(results, out / f"{name}_sweep.png")
+    (out / f"{name}.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
 
 
 def _write(args, results: dict, t_all: float) -> None:
