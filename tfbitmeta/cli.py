@@ -174,8 +174,13 @@ def train_fewshot(method, dataset, width, scheme, bits, first_last, num_tasks, e
 def main():
     """Bitwidth-adaptive meta-learned QAT (MEBQAT) for TensorFlow/Keras."""
     install_reaper()
-    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's Python stack to stderr (docs/stack.md)
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # `kill -USR1 <pid>`: every thread's Python stack to the process's stderr (docs/stack.md), also when click's
+    # test runner has replaced sys.stderr with an object that has no file descriptor
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+        try:
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        except (OSError, ValueError):  # no usable descriptor (an embedding host): no stack dumps, nothing else lost
+            pass
 
 
 @main.command()
