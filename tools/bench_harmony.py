@@ -253,7 +253,7 @@ class Job:
         archs, bits = args.architectures, args.bits
         if name.endswith("-homogeneous"):  # same architecture and bitwidth everywhere: no representation skew
             archs, bits = archs.split(",")[0], bits.split(",")[len(bits.split(",")) // 2]
-        self.name, self.args, self.seed = name, args, seed
+        self.name, self.base, self.args, self.seed = name, base, args, seed
         from tfbitmeta.federated import algorithms as AL
 
         # fine-tuning steps at deployment come out of the same budget of client steps
@@ -316,7 +316,7 @@ class Job:
         from tfbitmeta.federated import algorithms as AL
         from tfbitmeta.federated import report
 
-        names = [self.name] + (AL.deployment_variants(self.name) if final else [])
+        names = [self.name] + (AL.deployment_variants(self.base) if final else [])
         router_heads = [self.sim.state["head"]] * self.sim.cfg.clients if self.alg.share_head and self.alg.split \
             else None
         out, cols = {}, {}
