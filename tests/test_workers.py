@@ -56,3 +56,37 @@ def test_deadline_returns_a_finished_command():
 
     r = run_cli_with_deadline([sys.executable, "-c", "print('ok')"], timeout=60)
     assert (r.returncode, r.stdout.strip()) == (0, "ok")
+
+
+def test_local_worker_that_ignores_sigint_is_stopped_within_the_bound(tmp_path):
+    """TFF's own local context waits forever for a worker that does not exit on SIGINT (the CI hang); the
+    simulation's LocalWorker waits a bounded time, then kills it, and never shares the parent's output."""
+    import os
+    import time
+
+    from tfbitmeta.federated.workers import LocalWorker
+
+    fake = tmp_path / "worker_binary"
+    fake.write_text("#!/bin/bash\ntrap '' INT\nwhile :; do sleep 0.2; done\n")
+    fake.chmod(0o755)
+    w = LocalWorker(str(fake))
+    try:
+        assert w.address == f"127.0.0.1:{w.port}" and w.proc.args[1] == f"--port={w.port}"
+        assert [p.pid for p in worker_processes()] == [w.proc.pid]
+        assert all(os.readlink(f"/proc/{w.proc.pid}/fd/{fd}") == "/dev/null" for fd in (0, 1, 2))
+        time.sleep(0.5)  # let bash install its trap
+        t = time.monotonic()
+        w.close(timeout=1.0)
+        assert time.monotonic() - t < 5 and w.proc.poll() is not None
+    finally:
+        if w.proc.poll() is None:
+            w.proc.kill()
+
+
+def test_local_worker_binary_is_the_installed_one():
+    import os
+
+    from tfbitmeta.federated.workers import LocalWorker
+
+    path = LocalWorker.binary_path()
+    assert path.endswith("tensorflow_federated/data/worker_binary") and os.access(path, os.X_OK)

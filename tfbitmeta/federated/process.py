@@ -25,6 +25,7 @@ import tensorflow as tf
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.federated.algorithms import Algorithm
 from tfbitmeta.federated.client import ClientWork
+from tfbitmeta.federated.workers import LocalWorker
 
 
 def server_apply(alg: Algorithm, state, sums):
@@ -94,8 +95,13 @@ class TffProcess(LocalProcess):
         import tensorflow_federated as tff  # lazy: ~20 s, only the federated commands pay it
 
         self.tff, self.workers = tff, list(workers or [])
-        if self.workers:
-            _set_remote_context(tff, self.workers)
+        # no --workers: our own local worker, not TFF's local context (its shutdown can hang forever; workers.py)
+        self.local = None if self.workers else LocalWorker(LocalWorker.binary_path())
+        try:
+            _set_remote_context(tff, self.workers or [self.local.address], wait_seconds=30.0 if self.workers else 300.0)
+        except BaseException:
+            self.close()
+            raise
         C, S, Fed = tff.CLIENTS, tff.SERVER, tff.FederatedType
         T = tff.types.tensorflow_to_type
         tfc, fc = tff.tensorflow.computation, tff.federated_computation
@@ -166,12 +172,12 @@ class TffProcess(LocalProcess):
         return _np(new_state), [_np(c) for c in cstates], _np(metrics)
 
     def close(self):
-        """Install a fresh default context: the old one's ServiceManager stops the worker_binary it started; what
-        TFF fails to stop is reaped at exit (``workers.install_reaper``)."""
-        import gc
-
+        """Stop the local worker (bounded: SIGINT, wait, SIGKILL) and restore TFF's default context, which starts
+        nothing until it is used; anything else is reaped at exit (``workers.install_reaper``)."""
+        if getattr(self, "local", None) is not None:
+            self.local.close()
+            self.local = None
         self.tff.backends.native.set_sync_local_cpp_execution_context()
-        gc.collect()
 
 
 def _set_remote_context(tff, workers: list[str], wait_seconds: float = 30.0):

@@ -1,13 +1,19 @@
-"""Reaping TFF's ``worker_binary``.
+"""TFF's ``worker_binary``: the local worker this project starts and stops itself, and the reaper.
 
-TFF 0.87 starts ``tensorflow_federated/data/worker_binary`` lazily and only stops it in a destructor that does
-not run reliably at exit; the orphan keeps stdout open and hangs pipes and CI (docs/stack.md, "The worker_binary").  Every
-entry point registers :func:`install_reaper`; it needs only psutil, never TFF itself.
+TFF 0.87's own local context starts ``tensorflow_federated/data/worker_binary`` lazily with the parent's
+stdout/stderr and stops it with SIGINT followed by an unbounded ``wait()``, both in a destructor that does not run
+reliably at exit and whenever the worker's gRPC stub reports "not ready" (a busy machine).  A worker that does not
+exit on SIGINT then hangs the simulation forever (docs/stack.md, "The worker_binary" and "Intermittent TFF hangs").
+So the simulation runs on a :class:`LocalWorker` instead: our own ``Popen`` with its output detached, on a free
+port, reached through the same remote-executor context as ``--workers``, and stopped with SIGINT, a bounded wait
+and SIGKILL.  Every entry point also registers :func:`install_reaper` (psutil only, never TFF itself).
 """
 from __future__ import annotations
 
 import atexit
+import os
 import signal
+import subprocess
 
 import psutil
 
@@ -44,21 +50,63 @@ def reap_workers(timeout: float = 10.0) -> int:
     return len(procs)
 
 
-def stop_local_services() -> None:
-    """Run the destructor of TFF's local executor services now, while the interpreter is whole, and disarm it.
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGINT (a worker's clean shutdown), at most ``timeout`` seconds of waiting, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
 
-    Left to interpreter teardown, it runs after ``subprocess`` is gone and prints an ignored ``AttributeError``
-    traceback after the program's last line of output (and cannot stop its worker).  Found through the garbage
-    collector, so TFF is never imported here."""
+
+class LocalWorker:
+    """A ``worker_binary`` on a free loopback port, owned by this process: ``address`` for the remote-executor
+    context, :meth:`close` stops it (bounded).  Its output goes to /dev/null, so it can never hold the parent's
+    pipes; ``-1`` concurrent calls is what TFF's own local context passes."""
+
+    def __init__(self, binary: str):
+        import portpicker  # TFF's own dependency, the way its local context picks the port
+
+        self.port = portpicker.pick_unused_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([binary, f"--port={self.port}", "--max_concurrent_computation_calls=-1"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def binary_path() -> str:
+        """The worker_binary shipped in the installed tensorflow_federated package (found without importing it)."""
+        import importlib.util
+
+        spec = importlib.util.find_spec("tensorflow_federated")
+        path = os.path.join(os.path.dirname(spec.origin), "data", WORKER_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no TFF worker_binary at {path}")
+        return path
+
+    def close(self, timeout: float = 10.0) -> None:
+        stop(self.proc, timeout)
+
+
+def stop_local_services() -> None:
+    """Stop the workers of any TFF-owned local executor service now, bounded, and disarm their destructors.
+
+    TFF's destructor sends SIGINT and waits without a limit (a worker that ignores it hangs the exit); left to
+    interpreter teardown it also runs after ``subprocess`` is gone and prints an ignored ``AttributeError``
+    traceback after the program's last line of output.  Found through the garbage collector, so TFF is never
+    imported here."""
     import gc
 
     for obj in gc.get_objects():
         cls = type(obj)
         if cls.__name__ == "ServiceManager" and cls.__module__.startswith("tensorflow_federated"):
-            try:
-                cls.__del__(obj)
-            except Exception:  # a worker that is already gone
-                pass
+            proc = getattr(obj, "_process", None)
+            if isinstance(proc, subprocess.Popen):
+                stop(proc)
             cls.__del__ = lambda self: None
 
 
