@@ -58,8 +58,9 @@ class HostileServerTest {
                         val reason = offline(r)
                         assertTrue("within 1.0 s" in reason, reason)
                         assertTrue(secs < 1.0 + 1.0, "OFFLINE after $secs s, deadline 1 s")
-                        // no worker thread of the client outlives the call by more than a read
-                        val end = System.nanoTime() + 3_000_000_000L
+                        // no worker thread of the client outlives the call by more than a read (10 s of slack: the
+                        // 3 s bound failed once on 2 cores at load 9; it passed in every run before)
+                        val end = System.nanoTime() + 10_000_000_000L
                         while (workers() > 0 && System.nanoTime() < end) Thread.sleep(20)
                         assertEquals(0, workers(), "fallback worker threads still running")
                         // headers still arriving: disconnect() closes the socket (once the body is being read, the
