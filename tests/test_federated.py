@@ -152,9 +152,12 @@ def test_schedule_scales_every_step_of_the_round():
         sim = Simulation(small(engine="tf", rounds=2, lr_schedule=schedule, **EQUAL_ROUND), progress=False)
         sim.state["round"] = np.int32(1)
         start = sim.state
+        start_head = sim.client_states[0]["head"]  # HARMONY's heads are personal: client 0's head is compared
         rec = sim.run_round(1)
         changes[schedule] = {p: OrderedDict((k, np.asarray(sim.state[p][k]) - np.asarray(start[p][k]))
-                                            for k in start[p]) for p in ("bank", "head", "server")}
+                                            for k in start[p]) for p in ("bank", "server")}
+        changes[schedule]["head"] = OrderedDict((k, np.asarray(sim.client_states[0]["head"][k]) - np.asarray(v))
+                                                for k, v in start_head.items())
         assert rec["lr"] == pytest.approx(SimConfig.lr * (0.5 if schedule == "cosine" else 1.0))
     for part in ("bank", "head", "server"):
         full = changes["constant"][part]
