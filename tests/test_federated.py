@@ -444,6 +444,94 @@ def test_every_federated_client_reaches_the_server(sfl_models, tmp_path):
         proc.wait(timeout=30)
 
 
+def _router_from_file(models, route):
+    """The router file read as its manifest layout says, without the package's reader."""
+    a = np.frombuffer((models / route["path"]).read_bytes(), "<f4").astype(np.float64)
+    c, r, d = route["classes"], route["rank"], route["dim"]
+    assert a.size == (c + r) * d
+    return a[:c * d].reshape(c, d), a[c * d:].reshape(r, d), route["isotropic"]
+
+
+def test_federated_export_ships_each_clients_router_calibrated_on_its_validation_images(sfl_run, sfl_models):
+    """Every front end carries its client's Mahalanobis router; the threshold is the keep-local quantile of the
+    file's own scores on the run's validation images, which are the client's ID classes and in no learner's
+    training data."""
+    from tfbitmeta.data import datasets
+    from tfbitmeta.data.pipeline import Normalization
+    from tfbitmeta.export.convert import run_tflite
+    from tfbitmeta.export.digest import sha256_file
+    from tfbitmeta.federated.routing import calibrate_threshold
+
+    run, (models, manifest) = sfl_run[0], sfl_models
+    meta = json.loads((run / "run.json").read_text())
+    data = datasets.load("digits", seed=0)
+    norm = Normalization.from_dict(meta["normalization"])
+    for f in [f for f in manifest["files"] if f["kind"] == "front_end"]:
+        route, spec = f["router"], meta["clients"][f["client"]]["router"]
+        assert route["score"] == "mahalanobis" and route["keep_local"] == spec["keep_local"] == 0.95
+        assert sha256_file(models / route["path"]) == route["sha256"]
+        val = np.array(spec["validation"])
+        assert set(data.y_train[val]) <= set(f["id_classes"]) and not set(val) & set(spec["fit"])
+        means, u, iso = _router_from_file(models, route)
+        feats = run_tflite(models / f["path"], norm.pixels(data.x_train[val]).numpy())["features"]
+        z = feats.reshape(len(feats), 1, -1).astype(np.float64) - means[None]
+        scores = -(iso * (z ** 2).sum(-1) - ((z @ u.T) ** 2).sum(-1)).min(1)
+        assert calibrate_threshold(scores, 0.95) == pytest.approx(route["threshold"], rel=1e-6)
+        assert route["validation_keep_local"] >= 0.95
+        assert 0.5 < route["verify"]["auroc"] <= 1.0, route["verify"]
+
+
+def test_classify_routes_on_the_clients_router_and_asks_the_server(sfl_models, tmp_path):
+    """simulate -> convert -> serve -> classify --client K (no --threshold): the client's router decides, with the
+    score computed from the router file, and every offloaded image is answered by the server."""
+    models, manifest = sfl_models
+    proc, url = _serve(models)
+    seen = set()
+    try:
+        for f in [f for f in manifest["files"] if f["kind"] == "front_end" and f["bits"]["w"] == 4]:
+            means, u, iso = _router_from_file(models, f["router"])
+            for i in range(6):
+                image = _test_image(tmp_path, index=i)
+                a = _classify_json(image, models, "--client", f["client"], "--bits", "4", "--server", url)
+                z = _front_features(models, f, image, manifest).reshape(1, -1).astype(np.float64) - means
+                score = -(iso * (z ** 2).sum(-1) - ((z @ u.T) ** 2).sum(-1)).min()
+                assert a["route"] == "mahalanobis" and a["route_score"] == pytest.approx(score, rel=1e-5)
+                assert a["threshold"] == f["router"]["threshold"]
+                assert a["fell_back"] == (score < a["threshold"]), a
+                assert a["decision"] == ("server" if a["fell_back"] else "early_exit"), a
+                seen.add(a["decision"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert seen == {"server", "early_exit"}  # 18 images over 3 clients: both branches ran
+
+
+def test_android_assets_carry_the_router_files(sfl_models, tmp_path):
+    from tfbitmeta.device.android_assets import copy_assets
+
+    models, manifest = sfl_models
+    out = copy_assets(models, tmp_path / "assets")
+    routers = [f["router"]["path"] for f in manifest["files"] if f["kind"] == "front_end"]
+    assert routers and set(routers) <= set(out["files"])
+    for p in routers:
+        assert (tmp_path / "assets" / "models" / p).read_bytes() == (models / p).read_bytes()
+
+
+def test_validation_images_are_held_out_of_every_learner():
+    for alg in ("harmony", "centralized"):
+        sim = Simulation(SimConfig(algorithm=alg, dataset="digits", clients=3, classes_per_client=3, rounds=1,
+                                   engine="tf", architectures="svhn_cnn-w2"), progress=False)
+        trained = np.concatenate([lr.train for lr in sim.learners])
+        for k, val in enumerate(sim.validation):
+            assert len(val) > 0 and not set(val) & set(trained)
+            assert set(sim.y_train[val]) <= set(sim.parts[k].id_classes)
+        spec = sim.router_spec(0)
+        assert (spec is None) == (alg == "centralized")
+    with pytest.raises(TfbitmetaError, match="validation_fraction must be above 0"):
+        SimConfig(algorithm="harmony", validation_fraction=0.0).check()
+    assert SimConfig(algorithm="splitgp", validation_fraction=0.0).calibrated_keep_local() is None
+
+
 def test_mebqat_run_reaches_the_server(exported, tmp_path):
     models, manifest, _ = exported
     image = _test_image(tmp_path)

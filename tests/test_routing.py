@@ -218,3 +218,36 @@ def test_deferring_own_classes_recovers_false_offloads():
     assert plain["accuracy"] == 0.5 and defer["accuracy"] == 0.75
     assert defer["counts"]["id_local_exit_right"] == 2 and defer["served_ratio"] == 0.25
     assert defer["ood_recall"] == plain["ood_recall"] == 1.0  # routing itself is unchanged
+
+
+# -- the deployed (compact) Mahalanobis router -------------------------------------------------------------
+def _spiked(n=40, d=120, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(classes, size=n)
+    x = rng.normal(size=(n, d)) * np.linspace(3.0, 0.2, d) + 4.0 * y[:, None] * rng.normal(size=d)
+    return x, y, rng.normal(size=(25, d)) * 2.0
+
+
+def test_deployed_router_is_exact_at_full_rank_with_fewer_images_than_features():
+    """Ledoit-Wolf with n < d: every direction the images do not span has the same variance, so keeping the
+    top n components reproduces the full-precision score to float32 accuracy; fewer keep the ranking close."""
+    x, y, t = _spiked()
+    full = R.Mahalanobis.fit(x, y)
+    exact = full.deployed(rank=len(x))
+    np.testing.assert_allclose(exact.score(t), full.score(t), rtol=1e-4)
+    assert np.corrcoef(full.deployed(rank=8).score(t), full.score(t))[0, 1] > 0.9
+
+
+def test_deployed_router_survives_its_file_and_rejects_a_bad_one():
+    x, y, t = _spiked()
+    dep = R.Mahalanobis.fit(x, y).deployed(rank=16)
+    buf = dep.to_bytes()
+    assert len(buf) == 4 * (3 + 16) * x.shape[1]
+    back = R.DeployedMahalanobis.from_bytes(buf, 3, 16, x.shape[1], dep.isotropic)
+    np.testing.assert_array_equal(back.score(t), dep.score(t))
+    with pytest.raises(TfbitmetaError, match="need"):
+        R.DeployedMahalanobis.from_bytes(buf[:-4], 3, 16, x.shape[1], dep.isotropic)
+    with pytest.raises(TfbitmetaError, match="non-finite"):
+        R.DeployedMahalanobis.from_bytes(np.full(len(buf) // 4, np.nan, "<f4").tobytes(), 3, 16, x.shape[1], 1.0)
+    with pytest.raises(TfbitmetaError, match="positive"):
+        R.DeployedMahalanobis.from_bytes(buf, 3, 16, x.shape[1], -1.0)

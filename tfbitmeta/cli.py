@@ -506,7 +506,8 @@ def serve(models, run, host, port, token, max_batch, max_delay_ms, batch_idle_ms
 @click.option("--server", default=None, help="fallback server URL, e.g. http://127.0.0.1:8500")
 @click.option("--token", envvar="TFBITMETA_TOKEN", default=None, help="bearer token (or TFBITMETA_TOKEN)")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.01), default=2.0, show_default=True, help="server timeout (s)")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="exit confidence [default: the manifest's]")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="exit confidence: route on the exit head's max-softmax at this threshold [default: the "
+                   "manifest's router]")
 @click.option("--json", "as_json", is_flag=True, help="print the answer as JSON")
 @user_errors
 def classify(image, models, bits, memory_budget, exit_, client, server, token, timeout_s, threshold, as_json):
@@ -523,7 +524,9 @@ def classify(image, models, bits, memory_budget, exit_, client, server, token, t
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(a), "fell_back": a.fell_back}))
         return
-    click.echo(f"{image}: {a.label} ({100 * a.confidence:.1f}%) via {a.decision} [{a.front_end}, exit threshold {a.threshold:.2f}]")
+    click.echo(f"{image}: {a.label} ({100 * a.confidence:.1f}%) via {a.decision} [{a.front_end}, "
+               + (f"exit threshold {a.threshold:.2f}]" if a.route == "max_softmax" else
+                  f"{a.route} router: score {a.route_score:.1f}, threshold {a.threshold:.1f}]"))
     click.echo(f"  device (early exit): {a.local_label} ({100 * a.local_confidence:.1f}%)")
     click.echo(f"  server: {f'{a.server_label} ({100 * a.server_confidence:.1f}%)' if a.server_label else a.offline_reason or 'not asked'}")
     click.echo(f"  fell back: {'yes' if a.fell_back else 'no'}{' (OFFLINE: local answer)' if a.decision == 'offline' else ''};"

@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from tfbitmeta.federated import routing as R  # noqa: E402
 
 OOD_FRACTIONS = (0.0, 0.5, 1.0)
 
@@ -264,12 +263,7 @@ class Job:
                                         finetune_steps=args.finetune_rounds * args.local_steps, lr=0.05),
                               progress=False)
         self.alg, sim = self.sim.alg, self.sim
-        self.validation = []
-        for k, part in enumerate(sim.parts):
-            part.train, val = R.hold_out_validation(part.train, sim.y_train, 0.1, seed + 1000 + k)
-            self.validation.append(val)
-        if self.alg.centralized:
-            sim.learners[0].train = np.setdiff1d(sim.learners[0].train, np.concatenate(self.validation))
+        self.validation = sim.validation  # held out by the simulation: the routers' calibration set
         self.rounds = rounds
         self.finetune_steps = 0
         self._flops = None

@@ -114,12 +114,18 @@ def main(argv=None) -> dict:
                 feat = np.ascontiguousarray(out["features"], dtype="<f4").tobytes()
                 (args.out / f"feat_{name}_{i}.f32").write_bytes(feat)
                 th = float(entry["exit_threshold"])
-                fallback = bool(probs.max() < th)
+                route = entry.get("router") or {}
+                if route.get("score") == "mahalanobis":  # a federated client's router decides (DeviceRuntime)
+                    route_score, route_th = float(rt.router(entry).score(out["features"])[0]), float(route["threshold"])
+                else:
+                    route_score, route_th = float(probs.max()), th
+                fallback = bool(route_score < route_th)
                 cases.append({
                     "image": f"img_{i}.png", "image_sha256": sha256_bytes(png), "bits": name,
                     "front_end": entry["path"], "front_end_sha256": entry["sha256"], "backend": backend_name(entry),
                     "exit_probs": [float(v) for v in probs], "exit_label": int(np.argmax(probs)), "exit_threshold": th,
-                    "fallback": fallback,
+                    "fallback": fallback, "route": route.get("score", "max_softmax"), "route_score": route_score,
+                    "route_threshold": route_th, "fallback_max_softmax": bool(probs.max() < th),
                     "fallback_at_threshold": {str(t): bool(probs.max() < t) for t in (0.1, 0.3, 0.5, 0.9)},
                     "features": f"feat_{name}_{i}.f32", "features_sha256": sha256_bytes(feat),
                     "request": f"req_{name}_{i}.json", "request_sha256": sha256_bytes(req),

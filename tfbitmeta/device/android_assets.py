@@ -27,18 +27,22 @@ def copy_assets(models: Path, dest: Path, run: Path | None = None, samples: int 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     shutil.copyfile(models / "manifest.json", out / "manifest.json")  # byte for byte: the app parses this file
-    for f in fronts:
-        try:
-            data = (models / f["path"]).read_bytes()
-        except OSError as e:
-            raise TfbitmetaError(f"cannot read front end {models / f['path']}: {e.strerror}") from None
-        if sha256_bytes(data) != f["sha256"]:
-            raise TfbitmetaError(f"{models / f['path']} fails its sha256 check against the manifest")
-        (out / f["path"]).write_bytes(data)
+    copied = []
+    for f in fronts:  # each front end and, for a federated client with a Mahalanobis router, its router file
+        for path, digest in [(f["path"], f["sha256"])] + ([(f["router"]["path"], f["router"]["sha256"])]
+                                                          if (f.get("router") or {}).get("path") else []):
+            try:
+                data = (models / path).read_bytes()
+            except OSError as e:
+                raise TfbitmetaError(f"cannot read {models / path}: {e.strerror}") from None
+            if sha256_bytes(data) != digest:
+                raise TfbitmetaError(f"{models / path} fails its sha256 check against the manifest")
+            (out / path).write_bytes(data)
+            copied.append(path)
     written = []
     if run is not None:
         written = write_samples(Path(run), dest / "samples", samples)
-    return {"front_ends": [f["path"] for f in fronts], "samples": written, "dest": str(dest)}
+    return {"front_ends": [f["path"] for f in fronts], "files": copied, "samples": written, "dest": str(dest)}
 
 
 def write_samples(run: Path, dest: Path, n: int) -> list[str]:

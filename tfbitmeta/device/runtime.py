@@ -50,6 +50,8 @@ class Answer:
     server_probs: list[float] | None
     latency_ms: dict
     offline_reason: str | None = None
+    route: str = "max_softmax"         # the score that decided: "max_softmax" or the client's "mahalanobis" router
+    route_score: float | None = None   # its value; below ``threshold`` -> ask the server
 
     @property
     def fell_back(self) -> bool:
@@ -214,19 +216,46 @@ class DeviceRuntime:
         out = runner(image=pixels[None].astype(np.float32))
         t2 = time.perf_counter()
         probs, features = out["exit_probs"][0], out["features"]
-        th = float(entry["exit_threshold"] if threshold is None else threshold)
+        route = entry.get("router") if threshold is None else None  # an explicit threshold means max-softmax
+        if route and route["score"] == "mahalanobis":
+            kind, th = "mahalanobis", float(route["threshold"])
+            score = float(self.router(entry).score(np.asarray(features, np.float32))[0])
+        else:
+            kind = "max_softmax"
+            th = float(entry["exit_threshold"] if threshold is None else threshold)
+            score = float(np.max(probs))
         labels = self.manifest["labels"]
         local = int(np.argmax(probs))
         answer = Answer(label=labels[local], confidence=float(probs[local]), decision="early_exit",
                         local_label=labels[local], local_confidence=float(probs[local]), server_label=None,
                         server_confidence=None, front_end=Path(path).name, bits=entry["bits"]["name"], threshold=th,
                         exit_probs=[float(p) for p in probs], server_probs=None,
-                        latency_ms={"load": 1e3 * (t1 - t0), "front_end": 1e3 * (t2 - t1)})
-        if probs[local] < th:
+                        latency_ms={"load": 1e3 * (t1 - t0), "front_end": 1e3 * (t2 - t1)}, route=kind,
+                        route_score=score)
+        if score < th:
             self._fall_back(answer, entry, features)
         answer.latency_ms["total"] = 1e3 * (time.perf_counter() - t0)
         answer.latency_ms = {k: round(v, 3) for k, v in answer.latency_ms.items()}
         return answer
+
+    def router(self, entry: dict):
+        """The client's Mahalanobis router of a federated front end (docs/harmony.md, "Deployed routing"), read
+        once and checked against the manifest's sha256."""
+        from tfbitmeta.federated.routing import DeployedMahalanobis
+
+        route = entry["router"]
+        cache = self.__dict__.setdefault("_routers", {})
+        if route["path"] not in cache:
+            path = self.models / route["path"]
+            try:
+                buf = path.read_bytes()
+            except OSError as e:
+                raise TfbitmetaError(f"cannot read router {path}: {e.strerror}") from None
+            if sha256_bytes(buf) != route["sha256"]:
+                raise TfbitmetaError(f"{path} fails its sha256 check against the manifest: refusing to use it")
+            cache[route["path"]] = DeployedMahalanobis.from_bytes(buf, int(route["classes"]), int(route["rank"]),
+                                                                  int(route["dim"]), float(route["isotropic"]))
+        return cache[route["path"]]
 
     def request_bytes(self, entry: dict, features: np.ndarray, packed: bool = True) -> bytes:
         return encode_request(features, FeatureSpec.of_front_end(entry), packed)

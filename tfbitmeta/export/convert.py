@@ -273,7 +273,9 @@ def write_manifest(out: Path, staged: Path, files: list[dict], model: dict, labe
         if f["kind"] == "front_end" and f["backend"] not in backends:
             raise TfbitmetaError(f"export: {f['path']} names backend {f['backend']!r}, which is not exported")
     for f in files:
-        os.replace(staged / f["path"], out / f["path"])
+        for path in (f["path"], (f.get("router") or {}).get("path")):  # a router file travels with its front end
+            if path:
+                os.replace(staged / path, out / path)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

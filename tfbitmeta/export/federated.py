@@ -5,6 +5,10 @@ server backend, through the same export graph, converter, verification and manif
 
 * ``client<k>_<bits>.tflite`` -- the client's front end (pixels in; ``exit_probs`` and the common ``features``
   out), full-integer below full precision (INT4 weights at <= 4 bit), BatchNorm calibrated on the client's data;
+* ``client<k>_<bits>.router`` -- the client's calibrated router when its algorithm routes on the Mahalanobis
+  score (the manifest entry's ``router``): fitted on the exported file's own features of the client's training
+  images, its threshold placed on the file's scores of the client's validation ID images (docs/harmony.md,
+  "Deployed routing"); a calibrated max-softmax router is just the entry's ``exit_threshold``;
 * ``server_<bits>.tflite`` -- the server backend (``features`` in, ``probs`` out; full precision), one entry per
   feature quantization the front ends use (the files are the same model).
 Every front-end entry names its ``client``, ``architecture`` and ``backend``.  ``--bits own`` (default) exports
@@ -24,7 +28,9 @@ from tfbitmeta.data.pipeline import Normalization
 from tfbitmeta.errors import TfbitmetaError
 from tfbitmeta.export.convert import (backend_model_name, export_part, manifest_input, run_tflite, verify_backend,
                                       verify_front, write_manifest)
+from tfbitmeta.export.digest import sha256_bytes
 from tfbitmeta.export.graph import aligned_biases
+from tfbitmeta.federated import routing
 from tfbitmeta.models import ModelConfig
 from tfbitmeta.quant.bitwidth import FP, bits_tensor, config_name
 from tfbitmeta.runs import RunDir, check_writable
@@ -60,6 +66,10 @@ def export_federated(run_path: Path, out: Path, bits: str = "own", verify: bool 
                                                    int4=int4, measure_latency=measure_latency)
                     entry.update(client=k, architecture=c["architecture"], backend=backend_model_name(bname),
                                  exit_threshold=float(meta["threshold"]), id_classes=c["id_classes"])
+                    if c.get("router"):
+                        entry["router"] = deployed_router(tmp, fname, c["router"], data, norm, progress)
+                        if entry["router"]["score"] == "max_softmax":
+                            entry["exit_threshold"] = entry["router"]["threshold"]
                     feats = bm.extractor(split)([xt, bits_tensor(cfg, len(xt))], training=False).numpy()
                     ref_server = server_keras([feats, bits_tensor((FP, FP), len(feats))], training=False)
                     if verify:
@@ -79,6 +89,8 @@ def export_federated(run_path: Path, out: Path, bits: str = "own", verify: bool 
                     probs = run_tflite(tmp / bname, front_feats)["probs"]
                     ref = tf.nn.softmax(ref_server).numpy()
                     agree = float(np.mean(probs.argmax(-1) == ref.argmax(-1)))
+                    if entry.get("router"):
+                        entry["router"]["verify"] = verify_router(entry, tmp, pt, yt, run_tflite(tmp / fname, pt))
                     entry["verify"].update(pipeline_top1_agreement=agree,
                                            pipeline_accuracy=float(np.mean(probs.argmax(-1) == yt)),
                                            passed=bool(entry["verify"]["passed"]))  # reported, as for MEBQAT pairs
@@ -98,3 +110,62 @@ def export_federated(run_path: Path, out: Path, bits: str = "own", verify: bool 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+ROUTER_LAYOUT = ("float32 little-endian: the class means m (classes x dim, row-major), then U (rank x dim, "
+                 "row-major); squared distance isotropic * |f - m|^2 - |U (f - m)|^2, score = minus the smallest")
+ROUTER_RANK = 64  # docs/harmony.md, "Deployed routing": AUROC of the compact form against the full precision
+
+
+def deployed_router(staged: Path, front_file: str, spec: dict, data, norm, progress=print) -> dict:
+    """A client's router for one exported front end, built from that file's own outputs (what the device will
+    compute): Mahalanobis statistics of its features on the client's training images, the threshold that keeps
+    ``keep_local`` of its validation ID images local.  Writes ``<front>.router`` next to the front end for the
+    Mahalanobis score; the entry's ``router`` object describes it."""
+    keep, kind = float(spec["keep_local"]), spec["score"]
+    val = np.asarray(spec["validation"], np.int64)
+    if val.size == 0:
+        raise TfbitmetaError(f"{front_file}: the run holds no validation images to calibrate the router")
+    out_val = run_tflite(staged / front_file, norm.pixels(data.x_train[val]).numpy())
+    if kind not in ("mahalanobis", "max_softmax"):
+        progress(f"{front_file}: routing score {kind!r} is not exported; calibrating max-softmax instead")
+        kind = "max_softmax"
+    route = {"score": kind, "keep_local": keep, "validation_images": int(val.size)}
+    if kind == "max_softmax":
+        scores = out_val["exit_probs"].max(-1)
+    else:
+        fit = np.asarray(spec["fit"], np.int64)
+        out_fit = run_tflite(staged / front_file, norm.pixels(data.x_train[fit]).numpy())
+        maha = routing.Mahalanobis.fit(out_fit["features"], data.y_train[fit]).deployed(ROUTER_RANK)
+        buf = maha.to_bytes()
+        path = front_file.removesuffix(".tflite") + ".router"
+        (staged / path).write_bytes(buf)
+        route.update(path=path, sha256=sha256_bytes(buf), bytes=len(buf), classes=int(maha.means.shape[0]),
+                     rank=int(maha.projection.shape[0]), dim=int(maha.means.shape[1]), isotropic=maha.isotropic,
+                     fit_images=int(fit.size), layout=ROUTER_LAYOUT)
+        scores = maha.score(out_val["features"])
+    route["threshold"] = routing.calibrate_threshold(scores, keep)
+    route["validation_keep_local"] = float(np.mean(scores >= route["threshold"]))
+    return route
+
+
+def router_scores(route: dict, folder: Path, outputs: dict) -> np.ndarray:
+    """The deployed router's score of a front end's outputs (``exit_probs``, ``features``)."""
+    if route["score"] == "max_softmax":
+        return np.asarray(outputs["exit_probs"]).max(-1)
+    return routing.DeployedMahalanobis.from_bytes((folder / route["path"]).read_bytes(), route["classes"],
+                                                  route["rank"], route["dim"], route["isotropic"]
+                                                  ).score(outputs["features"])
+
+
+def verify_router(entry: dict, folder: Path, pixels: np.ndarray, y: np.ndarray, outputs: dict) -> dict:
+    """What the deployed router does on the verification test images: offload of the client's ID and OOD
+    images and the AUROC of its score (the OOD images are never used to place the threshold)."""
+    from tfbitmeta.federated.diagnostics import auroc
+
+    s = router_scores(entry["router"], folder, outputs)
+    is_id = np.isin(y, entry["id_classes"])
+    off = s < entry["router"]["threshold"]
+    return {"test_images": int(len(y)), "id_offload": float(off[is_id].mean()) if is_id.any() else None,
+            "ood_offload": float(off[~is_id].mean()) if (~is_id).any() else None,
+            "auroc": auroc(s[is_id], s[~is_id])}

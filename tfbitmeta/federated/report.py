@@ -24,7 +24,6 @@ from tfbitmeta.quant.calibration import calibrate_batchnorm
 
 SCORE_KINDS = ("max_softmax", "energy", "mahalanobis", "posterior")
 OOD_FRACTIONS = (0.0, 0.5, 1.0)
-MAHALANOBIS_IMAGES = 1000  # training ID images per client for the class means and the covariance
 
 
 def _bits(b) -> np.ndarray:
@@ -81,7 +80,7 @@ def collect(sim, validation: list, personal_heads: list | None = None, router_he
     for k in range(sim.cfg.clients):
         part = sim.parts[k]
         idx, is_ood = D.test_images(y_test, part.id_classes, max(OOD_FRACTIONS), sim.cfg.seed + k)
-        tr = np.random.default_rng([sim.cfg.seed, 5, k]).permutation(part.train)[:MAHALANOBIS_IMAGES]
+        tr = R.fit_images(part.train, sim.cfg.seed, k)
         images = {"validation": sim.x_train[validation[k]], "test": x_test[idx], "train": sim.x_train[tr],
                   "calibration": np.concatenate(sim.calibration_images(k))}
         given = personal_heads is not None and personal_heads[k] is not None

@@ -25,6 +25,13 @@ import numpy as np
 from tfbitmeta.errors import TfbitmetaError
 
 SCORES = ("max_softmax", "entropy", "energy", "mahalanobis", "posterior")
+FIT_IMAGES = 1000  # training ID images per client for the Mahalanobis class means and covariance
+
+
+def fit_images(train_indices: np.ndarray, seed: int, client: int, n: int = FIT_IMAGES) -> np.ndarray:
+    """The (up to ``n``) training images of a client the Mahalanobis statistics are fitted on: a fixed random
+    subset, the same in the benchmark's report and in ``tfbitmeta convert``."""
+    return np.random.default_rng([seed, 5, client]).permutation(np.asarray(train_indices))[:n]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -92,6 +99,62 @@ class Mahalanobis:
         dist = (fp * f).sum(1)[:, None] - 2.0 * fp @ self.means.T + np.einsum("cd,de,ce->c", self.means,
                                                                               self.precision, self.means)[None]
         return -dist.min(axis=1)
+
+
+    def deployed(self, rank: int = 64) -> "DeployedMahalanobis":
+        """The same score in the compact form a device evaluates (:class:`DeployedMahalanobis`).
+
+        With the covariance's eigenvalues ``l_1 >= l_2 >= ...`` and ``b`` the mean of all but the top ``rank``,
+        ``P ~= I / b - sum_j<=rank (1/b - 1/l_j) v_j v_j'``: exact when the remaining eigenvalues are equal, which
+        is the Ledoit-Wolf shrinkage target with fewer images than feature dimensions (every direction the images
+        do not span has the same variance).  Storage and work per image: (classes + rank) x dim."""
+        cov = np.linalg.inv((self.precision + self.precision.T) / 2)
+        lam, v = np.linalg.eigh((cov + cov.T) / 2)
+        lam, v = lam[::-1], v[:, ::-1]
+        r = int(min(rank, len(lam) - 1))
+        b = float(lam[r:].mean())
+        w = np.clip(1.0 / b - 1.0 / lam[:r], 0.0, None)
+        return DeployedMahalanobis(means=self.means.astype(np.float32),
+                                   projection=(v[:, :r] * np.sqrt(w)).T.astype(np.float32), isotropic=1.0 / b,
+                                   classes=self.classes)
+
+
+@dataclass
+class DeployedMahalanobis:
+    """The Mahalanobis score as shipped with a front end (docs/harmony.md, "Deployed routing"): the squared
+    distance of features ``f`` to class mean ``m`` is ``isotropic * |f - m|^2 - |U f - U m|^2`` (float32
+    parameters, float64 sums); the score is minus the smallest.  File layout (:meth:`to_bytes`): float32
+    little-endian, the class means (classes x dim, row-major), then ``U`` (rank x dim, row-major); ``isotropic``
+    is in the manifest."""
+    means: np.ndarray = field(repr=False)        # (classes, dim)
+    projection: np.ndarray = field(repr=False)   # U: (rank, dim)
+    isotropic: float = 1.0
+    classes: np.ndarray = field(default=None)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        f = _flat(features)
+        m, u = self.means.astype(np.float64), self.projection.astype(np.float64)
+        z = f[:, None, :] - m[None]                                  # (n, classes, dim)
+        d = self.isotropic * (z ** 2).sum(-1) - ((z @ u.T) ** 2).sum(-1)
+        return -d.min(axis=1)
+
+    def to_bytes(self) -> bytes:
+        return (np.ascontiguousarray(self.means, "<f4").tobytes()
+                + np.ascontiguousarray(self.projection, "<f4").tobytes())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes, classes: int, rank: int, dim: int, isotropic: float) -> "DeployedMahalanobis":
+        want = 4 * (classes + rank) * dim
+        if classes < 1 or rank < 0 or dim < 1 or len(buf) != want:
+            raise TfbitmetaError(f"router file has {len(buf)} bytes; {classes} class means and rank {rank} "
+                                 f"over {dim} features need {want}")
+        if not (np.isfinite(isotropic) and isotropic > 0):
+            raise TfbitmetaError(f"router isotropic precision must be a positive number (got {isotropic})")
+        a = np.frombuffer(buf, "<f4")
+        if not np.all(np.isfinite(a)):
+            raise TfbitmetaError("router file holds non-finite values")
+        return cls(means=a[:classes * dim].reshape(classes, dim), projection=a[classes * dim:].reshape(rank, dim),
+                   isotropic=float(isotropic))
 
 
 def _flat(features: np.ndarray, pool: bool = False) -> np.ndarray:

@@ -29,7 +29,7 @@ import tensorflow as tf
 from tfbitmeta.data import datasets
 from tfbitmeta.data.pipeline import Normalization
 from tfbitmeta.errors import TfbitmetaError
-from tfbitmeta.federated import algorithms, partition
+from tfbitmeta.federated import algorithms, partition, routing
 from tfbitmeta.federated.architectures import DEFAULT_ARCHITECTURES, SERVER, parse_architectures
 from tfbitmeta.federated.client import ClientWork, mix
 from tfbitmeta.federated.latency import LatencyModel
@@ -73,6 +73,9 @@ class SimConfig:
     limit_train: int | None = None
     calib_images: int = 512
     finetune_steps: int = 10  # deployment fine-tuning of the exit head (algorithms with finetune_head)
+    validation_fraction: float = 0.1  # of each client's training data, held out to calibrate its router
+    keep_local: float | None = None   # calibrated routers: target share of validation ID images kept local
+    #                                   [default: the algorithm's]
     seed: int = 0
 
     def check(self) -> None:
@@ -89,9 +92,24 @@ class SimConfig:
                                  param="batch_size")
         if not 0.0 <= self.dropout < 1.0:
             raise TfbitmetaError(f"dropout must be in [0, 1) (got {self.dropout})", param="dropout")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise TfbitmetaError(f"validation_fraction must be in [0, 1) (got {self.validation_fraction})",
+                                 param="validation_fraction")
+        if self.keep_local is not None and not 0.0 <= self.keep_local <= 1.0:
+            raise TfbitmetaError(f"keep_local must be in [0, 1] (got {self.keep_local})", param="keep_local")
+        if self.calibrated_keep_local() is not None and self.validation_fraction == 0.0:
+            raise TfbitmetaError(f"{self.algorithm} calibrates its router on validation ID images: "
+                                 "validation_fraction must be above 0", param="validation_fraction")
         parse_architectures(self.architectures)
         self.bit_list()
         lr_scale(self.lr_schedule, self.rounds)
+
+    def calibrated_keep_local(self) -> float | None:
+        """The keep-local target of a calibrated router (None: the algorithm routes on a fixed threshold)."""
+        alg = algorithms.get(self.algorithm)
+        if not alg.split or alg.centralized or (alg.keep_local is None and self.keep_local is None):
+            return None
+        return self.keep_local if self.keep_local is not None else alg.keep_local
 
     def bit_list(self) -> list[int]:
         bits = parse_bits(self.bits, all_bits=CLIENT_BITS, keep_order=True)  # 'all': every client bitwidth
@@ -139,6 +157,7 @@ class Simulation:
             self.learners = [partition.ClientData(np.arange(len(self.y_train)), np.arange(self.num_classes))]
         else:
             self.learners = self.parts
+        self.validation = self._hold_out_validation()
         sp = self.space
         self.state = OrderedDict(bank=sp.init_bank, head=sp.init_head, server=sp.init_server, round=np.int32(0))
         self.client_states = [OrderedDict(bank=sp.init_bank, head=sp.init_head) for _ in self.learners]
@@ -149,6 +168,35 @@ class Simulation:
         self.history: list[dict] = []
         self.process = self._process()
         self.state = self.process.initialize()
+
+    def _hold_out_validation(self) -> list[np.ndarray]:
+        """Client k's validation ID images (indices into the training set), held out of what every learner trains
+        on (the pooled learner too, so every algorithm sees the same data): the calibration set of the client's
+        router (docs/harmony.md, "Routing")."""
+        f = self.cfg.validation_fraction
+        if f == 0.0:
+            return [np.zeros(0, np.int64) for _ in self.parts]
+        val = []
+        for k, part in enumerate(self.parts):
+            part.train, v = routing.hold_out_validation(part.train, self.y_train, f, self.cfg.seed + 1000 + k)
+            val.append(v)
+        if self.alg.centralized:
+            self.learners[0].train = np.setdiff1d(self.learners[0].train, np.concatenate(val))
+        return val
+
+    def router_spec(self, k: int) -> dict | None:
+        """What ``tfbitmeta convert`` needs to build client k's deployed router from the exported front end
+        (docs/harmony.md, "Deployed routing"): the score, the keep-local target, the validation images that
+        place the threshold and the training images that fit the Mahalanobis statistics.  None: no calibrated
+        router (the manifest's fixed exit threshold decides)."""
+        keep = self.cfg.calibrated_keep_local()
+        if keep is None:
+            return None
+        spec = {"score": self.alg.router, "keep_local": float(keep),
+                "validation": [int(i) for i in self.validation[k]]}
+        if self.alg.router == "mahalanobis":
+            spec["fit"] = [int(i) for i in np.sort(routing.fit_images(self.parts[k].train, self.cfg.seed, k))]
+        return spec
 
     def _process(self):
         if self.cfg.engine == "tf":
@@ -286,7 +334,7 @@ class Simulation:
         clients = [{"client": k, "architecture": self.archs[self.client_arch[k]].name,
                     "split": self.archs[self.client_arch[k]].split, "bits": self.client_bits[k],
                     "id_classes": [int(c) for c in self.parts[k].id_classes],
-                    "train_examples": int(len(self.parts[k].train)),
+                    "train_examples": int(len(self.parts[k].train)), "router": self.router_spec(k),
                     "model": sp.configs[self.client_arch[k]].to_dict()} for k in range(self.cfg.clients)]
         d = self.data
         RunDir(out).write_raw({

@@ -23,6 +23,7 @@ import com.tfbitmeta.demo.core.Answer
 import com.tfbitmeta.demo.core.BitsChoice
 import com.tfbitmeta.demo.core.Bitwidth
 import com.tfbitmeta.demo.core.Classifier
+import com.tfbitmeta.demo.core.RouterFiles
 import com.tfbitmeta.demo.core.FallbackClient
 import com.tfbitmeta.demo.core.FrontEnd
 import com.tfbitmeta.demo.core.FrontEndEngine
@@ -173,7 +174,7 @@ class MainActivity : Activity() {
             val text = try {
                 val front = Bitwidth.choose(manifest.frontEnds, choice)
                 val client = if (url.isEmpty()) null else FallbackClient(url, token.ifEmpty { null }, timeoutMs = 3000)
-                val answer = Classifier(manifest, client).classify(front, engineFor(front), Images.pixels(bitmap, manifest), threshold)
+                val answer = Classifier(manifest, client, routerFiles).classify(front, engineFor(front), Images.pixels(bitmap, manifest), threshold)
                 describe(answer, bits == "auto")
             } catch (e: Throwable) {
                 closeEngine()   // it may be broken: the next click loads it again
@@ -182,6 +183,9 @@ class MainActivity : Activity() {
             runOnUiThread { result.text = text; classifyButton.isEnabled = true }
         }
     }
+
+    /** A federated client's router file (manifest `router.path`), from the assets next to its front end. */
+    private val routerFiles = RouterFiles { path -> assets.open("models/$path").use { it.readBytes() } }
 
     /** The open engine if it holds [front]; else closes it and opens [front] (sha256-checked first). Worker only. */
     private fun engineFor(front: FrontEnd): FrontEndEngine {
@@ -210,7 +214,9 @@ class MainActivity : Activity() {
         }
         appendLine("Prediction: ${a.label}  (${"%.1f".format(100 * a.confidence)} %) $via")
         appendLine("Front end: ${a.frontEnd}  (bits ${a.bits}${if (auto) ", chosen by auto" else ""})")
-        appendLine("On-device: ${a.localLabel}  (${"%.1f".format(100 * a.localConfidence)} %), threshold ${a.threshold}")
+        appendLine("On-device: ${a.localLabel}  (${"%.1f".format(100 * a.localConfidence)} %), " +
+            if (a.route == "max_softmax") "threshold ${a.threshold}"
+            else "${a.route} router: score ${"%.1f".format(a.routeScore)}, threshold ${"%.1f".format(a.threshold)}")
         appendLine("Fell back to the server: ${if (a.fellBack) "yes" else "no"}")
         if (a.serverLabel != null) appendLine("Server: ${a.serverLabel}  (${"%.1f".format(100 * a.serverConfidence!!)} %)")
         if (a.offlineReason != null) appendLine("Offline: ${a.offlineReason}")

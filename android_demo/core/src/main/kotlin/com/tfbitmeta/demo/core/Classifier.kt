@@ -26,6 +26,9 @@ data class Answer(
     val localLatencyMs: Double,
     val serverLatencyMs: Double?,
     val offlineReason: String? = null,
+    /** the score that decided: "max_softmax" or the client's "mahalanobis" router; below [threshold] -> server */
+    val route: String = "max_softmax",
+    val routeScore: Double? = null,
 ) {
     val fellBack: Boolean get() = decision != "early_exit"
 }
@@ -34,7 +37,19 @@ data class Answer(
  * Python `DeviceRuntime.classify` after the front end is chosen and loaded: run it, exit early when confident,
  * otherwise send the features to the server; server trouble gives the local answer marked offline.
  */
-class Classifier(private val manifest: Manifest, private val client: FallbackClient?) {
+class Classifier(
+    private val manifest: Manifest,
+    private val client: FallbackClient?,
+    private val routerFiles: RouterFiles = RouterFiles.NONE,
+) {
+    private val routers = HashMap<String, MahalanobisRouter>()
+
+    /** The front end's Mahalanobis router (read once, sha256-checked), or null when it routes on max-softmax. */
+    fun router(front: FrontEnd): MahalanobisRouter? {
+        val spec = front.router?.takeIf { it.score == "mahalanobis" } ?: return null
+        return routers.getOrPut(spec.path!!) { MahalanobisRouter.fromBytes(spec, routerFiles.read(spec.path)) }
+    }
+
     fun classify(front: FrontEnd, engine: FrontEndEngine, pixels: FloatArray, thresholdOverride: Double? = null): Answer {
         val t0 = System.nanoTime()
         val out = engine.run(pixels)
@@ -43,13 +58,18 @@ class Classifier(private val manifest: Manifest, private val client: FallbackCli
     }
 
     fun decide(front: FrontEnd, out: FrontEndOutput, thresholdOverride: Double?, localMs: Double): Answer {
-        val th = EarlyExit.threshold(front, thresholdOverride)
-        val d = EarlyExit.decide(out.exitProbs, th)
+        // an explicit threshold means max-softmax, as `tfbitmeta classify --threshold`
+        val router = if (thresholdOverride == null) router(front) else null
+        val th = if (router != null) front.router!!.threshold else EarlyExit.threshold(front, thresholdOverride)
+        val d0 = EarlyExit.decide(out.exitProbs, th)
+        val routeScore = router?.score(out.features) ?: d0.confidence.toDouble()
+        val d = if (router != null) d0.copy(fallBack = routeScore < th) else d0
         val local = Answer(
             label = manifest.labels[d.label], confidence = d.confidence.toDouble(), decision = "early_exit",
             localLabel = manifest.labels[d.label], localConfidence = d.confidence.toDouble(), serverLabel = null,
             serverConfidence = null, frontEnd = front.path, bits = front.bitsName, threshold = th,
             exitProbs = out.exitProbs, serverProbs = null, localLatencyMs = localMs, serverLatencyMs = null,
+            route = if (router != null) "mahalanobis" else "max_softmax", routeScore = routeScore,
         )
         if (!d.fallBack) return local
         if (client == null) return local.copy(decision = "offline", offlineReason = "no server configured")

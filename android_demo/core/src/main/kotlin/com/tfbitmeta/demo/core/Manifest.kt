@@ -25,9 +25,25 @@ data class FrontEnd(
     /** Federated exports: the client this front end belongs to and its architecture (null otherwise). */
     val client: Int? = null,
     val architecture: String? = null,
+    /** Federated exports: the client's calibrated router (null: the exit head's max-softmax at [exitThreshold]). */
+    val router: RouterSpec? = null,
 ) {
     val featureCount: Int get() = featureShape.fold(1) { a, b -> a * b }
 }
+
+/** The manifest entry's `router`: fall back to the server when the router's score is below [threshold]. */
+data class RouterSpec(
+    /** "max_softmax" (the threshold is also `exit_threshold`) or "mahalanobis" (parameters in the file [path]) */
+    val score: String,
+    val threshold: Double,
+    val keepLocal: Double,
+    val path: String? = null,
+    val sha256: String? = null,
+    val classes: Int = 0,
+    val rank: Int = 0,
+    val dim: Int = 0,
+    val isotropic: Double = 0.0,
+)
 
 data class Manifest(
     val family: String,
@@ -102,6 +118,22 @@ data class Manifest(
                 architecture = f["architecture"].let {
                     if (it == null || it == JsonNull) null else it.str("$path: architecture")
                 },
+                router = f["router"].let { if (it == null || it == JsonNull) null else router(path, it.obj("$path: router")) },
+            )
+        }
+
+        private fun router(path: String, r: JsonObject): RouterSpec {
+            val score = r["score"].str("$path: router.score")
+            if (score != "max_softmax" && score != "mahalanobis") {
+                throw JsonException("$path: unknown router score '$score' (this app knows max_softmax and mahalanobis)")
+            }
+            val spec = RouterSpec(score = score, threshold = r["threshold"].dbl("$path: router.threshold"),
+                keepLocal = r["keep_local"].dbl("$path: router.keep_local"))
+            if (score == "max_softmax") return spec
+            return spec.copy(
+                path = r["path"].str("$path: router.path"), sha256 = r["sha256"].str("$path: router.sha256").lowercase(),
+                classes = r["classes"].int("$path: router.classes"), rank = r["rank"].int("$path: router.rank"),
+                dim = r["dim"].int("$path: router.dim"), isotropic = r["isotropic"].dbl("$path: router.isotropic"),
             )
         }
     }

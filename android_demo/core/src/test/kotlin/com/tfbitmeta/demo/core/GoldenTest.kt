@@ -86,8 +86,15 @@ class GoldenTest {
             val probs = TestData.exitProbs(c)
             val f = TestData.front(c)
             val d = EarlyExit.decide(probs, EarlyExit.threshold(f, null))
-            assertEquals(c["fallback"], JsonBool(d.fallBack))
+            assertEquals(c["fallback_max_softmax"], JsonBool(d.fallBack))
             assertEquals(c["exit_label"].int("l"), d.label)
+            // the device's decision: the client's router when the manifest names one, else max-softmax
+            val a = Classifier(m, null, TestData.routerFiles).decide(f, FrontEndOutput(probs, TestData.features(c)), null, 0.0)
+            assertEquals(c["fallback"], JsonBool(a.fellBack))
+            assertEquals(c["route"].str("r"), a.route)
+            assertEquals(c["route_threshold"].dbl("t"), a.threshold)
+            val want = c["route_score"].dbl("s")
+            assertEquals(want, a.routeScore!!, 1e-6 * maxOf(1.0, Math.abs(want)))
             for ((t, want) in c["fallback_at_threshold"].obj("fat").fields) {
                 assertEquals(want, JsonBool(EarlyExit.decide(probs, t.toDouble()).fallBack), "threshold $t")
             }
@@ -108,12 +115,30 @@ class GoldenTest {
     @Test
     fun `without a server a fallback case answers locally, marked offline`() {
         val c = TestData.cases.first { it["fallback"] == JsonBool(true) }
-        val a = Classifier(m, null).classify(TestData.front(c), GoldenEngine(FrontEndOutput(TestData.exitProbs(c), TestData.features(c))),
+        val a = Classifier(m, null, TestData.routerFiles).classify(TestData.front(c), GoldenEngine(FrontEndOutput(TestData.exitProbs(c), TestData.features(c))),
             FloatArray(m.height * m.width * m.channels))
         assertEquals("offline", a.decision)
         assertEquals(m.labels[c["exit_label"].int("l")], a.label)
         assertEquals(a.localLabel, a.label)
         assertNull(a.serverLabel)
+    }
+
+    @Test
+    fun `a router file that does not match the manifest is refused`() {
+        val f = m.frontEnds.firstOrNull { it.router?.score == "mahalanobis" } ?: return  // a MEBQAT export has none
+        val good = File(TestData.modelsDir, f.router!!.path!!).readBytes()
+        val flipped = good.copyOf().also { it[0] = (it[0].toInt() xor 1).toByte() }
+        for ((bytes, why) in listOf(flipped to "sha256", good.copyOf(good.size - 4) to "sha256")) {
+            val e = assertThrows(ManifestException::class.java) {
+                Classifier(m, null, RouterFiles { bytes }).router(f)
+            }
+            assertTrue(why in e.message!!, e.message)
+        }
+        val e = assertThrows(ManifestException::class.java) { Classifier(m, null).router(f) }
+        assertTrue("no router files" in e.message!!, e.message)
+        // a wrong shape in the manifest with the right bytes: the size check catches it
+        val wrong = f.router!!.copy(rank = f.router!!.rank + 1)
+        assertTrue("need" in assertThrows(ManifestException::class.java) { MahalanobisRouter.fromBytes(wrong, good) }.message!!)
     }
 
     @Test

@@ -60,7 +60,7 @@ class ServerContractTest {
     fun `the full pipeline falls back to the server and reports both answers`() {
         val c = TestData.cases.first { it["fallback"] == JsonBool(true) }
         val engine = GoldenEngine(FrontEndOutput(TestData.exitProbs(c), TestData.features(c)))
-        val a = Classifier(m, client()).classify(TestData.front(c), engine, FloatArray(m.height * m.width * m.channels))
+        val a = Classifier(m, client(), TestData.routerFiles).classify(TestData.front(c), engine, FloatArray(m.height * m.width * m.channels))
         assertEquals("server", a.decision)
         assertEquals(m.labels[c["server_label"].int("l")], a.label)
         assertEquals(a.serverLabel, a.label)
@@ -73,7 +73,7 @@ class ServerContractTest {
     fun `a confident exit does not ask the server`() {
         val c = TestData.cases.first()
         val closed = "http://127.0.0.1:${freePort()}"
-        val a = Classifier(m, client(url = closed)).classify(TestData.front(c),
+        val a = Classifier(m, client(url = closed), TestData.routerFiles).classify(TestData.front(c),
             GoldenEngine(FrontEndOutput(TestData.exitProbs(c), TestData.features(c))), FloatArray(1), thresholdOverride = 0.0)
         assertEquals("early_exit", a.decision)
         assertNull(a.serverLatencyMs)
@@ -106,7 +106,7 @@ class ServerContractTest {
     @Test
     fun `server down gives the local answer marked offline`() {
         val c = TestData.cases.first { it["fallback"] == JsonBool(true) }
-        val a = Classifier(m, client(url = "http://127.0.0.1:${freePort()}")).classify(TestData.front(c),
+        val a = Classifier(m, client(url = "http://127.0.0.1:${freePort()}"), TestData.routerFiles).classify(TestData.front(c),
             GoldenEngine(FrontEndOutput(TestData.exitProbs(c), TestData.features(c))), FloatArray(1))
         assertEquals("offline", a.decision)
         assertTrue("unreachable" in a.offlineReason!!, a.offlineReason)

@@ -40,6 +40,9 @@ object TestData {
         case["exit_probs"].arr("exit_probs").map { it.dbl("p").toFloat() }.toFloatArray()
 
     fun front(case: JsonObject): FrontEnd = Bitwidth.byName(manifest.frontEnds, case["bits"].str("bits"))
+
+    /** Router files of a federated export, next to its front ends. */
+    val routerFiles = RouterFiles { path -> File(modelsDir, path).readBytes() }
 }
 
 /** Returns the golden front end outputs, as the TFLite interpreter did in Python. */
