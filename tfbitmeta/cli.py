@@ -422,7 +422,13 @@ def _convert_federated(run, out, bits, verify, verify_images, int4, measure_late
               help="per-round multiplier of the step size, the same for every algorithm: cosine decay over the "
                    "rounds, or constant (docs/federated.md, 'Learning rate')")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True,
-              help="early-exit confidence threshold: below it a client asks the server")
+              help="early-exit confidence threshold: below it a client asks the server (algorithms without a "
+                   "calibrated router, e.g. splitgp; and the printed table)")
+@click.option("--keep-local", type=click.FloatRange(0, 1), default=None,
+              help="calibrated routers (harmony): target share of a client's validation ID images answered on the "
+                   "device; convert places each router's threshold there [default: the algorithm's, 0.95]")
+@click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="share of each client's training data held out to calibrate its router")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="probability that a client misses a round")
 @click.option("--engine", type=click.Choice(["tff", "tf"]), default="tff", show_default=True,
@@ -434,7 +440,8 @@ def _convert_federated(run, out, bits, verify, verify_images, int4, measure_late
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
 def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds, local_steps, batch_size, architectures,
-             bits, tasks, lr, lr_schedule, threshold, dropout, engine, workers, limit_train, seed, out, quiet):
+             bits, tasks, lr, lr_schedule, threshold, keep_local, validation_fraction, dropout, engine, workers,
+             limit_train, seed, out, quiet):
     """Hybrid split federated learning (HARMONY-style) of heterogeneous, bitwidth-adaptive clients."""
     from tfbitmeta.federated.simulation import SimConfig, format_table
     from tfbitmeta.federated.simulation import simulate as run_simulation
@@ -442,8 +449,8 @@ def simulate(algorithm, dataset, clients, classes_per_client, dirichlet, rounds,
     cfg = SimConfig(algorithm=algorithm, dataset=dataset, clients=clients, classes_per_client=classes_per_client,
                     dirichlet=dirichlet, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
                     architectures=architectures, bits=bits, tasks=tasks, lr=lr, inner_lr=lr, server_lr=lr,
-                    lr_schedule=lr_schedule, threshold=threshold,
-                    dropout=dropout, engine=engine, workers=[w for w in workers.split(",") if w.strip()],
+                    lr_schedule=lr_schedule, threshold=threshold, keep_local=keep_local,
+                    validation_fraction=validation_fraction, dropout=dropout, engine=engine, workers=[w for w in workers.split(",") if w.strip()],
                     limit_train=limit_train, seed=seed)
     sim, results = run_simulation(cfg, out, progress=not quiet)
     took = sum(results["round_seconds"])
