@@ -584,9 +584,9 @@ def test_two_workers_give_the_same_round_as_one():
     compute the same round as the IterativeProcess on TFF's own local worker.  Workers are stopped by PID."""
     import socket
 
-    import tensorflow_federated as tff
+    from tfbitmeta.federated.workers import LocalWorker
 
-    binary = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
+    binary = LocalWorker.binary_path()
     ports = []
     for _ in range(2):
         with socket.socket() as s:

@@ -246,15 +246,7 @@ class DeviceRuntime:
         route = entry["router"]
         cache = self.__dict__.setdefault("_routers", {})
         if route["path"] not in cache:
-            path = self.models / route["path"]
-            try:
-                buf = path.read_bytes()
-            except OSError as e:
-                raise TfbitmetaError(f"cannot read router {path}: {e.strerror}") from None
-            if sha256_bytes(buf) != route["sha256"]:
-                raise TfbitmetaError(f"{path} fails its sha256 check against the manifest: refusing to use it")
-            cache[route["path"]] = DeployedMahalanobis.from_bytes(buf, int(route["classes"]), int(route["rank"]),
-                                                                  int(route["dim"]), float(route["isotropic"]))
+            cache[route["path"]] = DeployedMahalanobis.load(route, self.models)
         return cache[route["path"]]
 
     def request_bytes(self, entry: dict, features: np.ndarray, packed: bool = True) -> bytes:

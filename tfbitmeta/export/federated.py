@@ -85,12 +85,13 @@ def export_federated(run_path: Path, out: Path, bits: str = "own", verify: bool 
                     if verify:
                         backends[bname]["verify"] = verify_backend(server_buf, server_part.graph, feats, ref_server, yt)
                 if verify:  # the deployed pair: the front-end file's features into the backend file
-                    front_feats = run_tflite(tmp / fname, pt)["features"].astype(np.float32)
+                    front_out = run_tflite(tmp / fname, pt)
+                    front_feats = front_out["features"].astype(np.float32)
                     probs = run_tflite(tmp / bname, front_feats)["probs"]
                     ref = tf.nn.softmax(ref_server).numpy()
                     agree = float(np.mean(probs.argmax(-1) == ref.argmax(-1)))
                     if entry.get("router"):
-                        entry["router"]["verify"] = verify_router(entry, tmp, pt, yt, run_tflite(tmp / fname, pt))
+                        entry["router"]["verify"] = verify_router(entry, tmp, yt, front_out)
                     entry["verify"].update(pipeline_top1_agreement=agree,
                                            pipeline_accuracy=float(np.mean(probs.argmax(-1) == yt)),
                                            passed=bool(entry["verify"]["passed"]))  # reported, as for MEBQAT pairs
@@ -153,12 +154,10 @@ def router_scores(route: dict, folder: Path, outputs: dict) -> np.ndarray:
     """The deployed router's score of a front end's outputs (``exit_probs``, ``features``)."""
     if route["score"] == "max_softmax":
         return np.asarray(outputs["exit_probs"]).max(-1)
-    return routing.DeployedMahalanobis.from_bytes((folder / route["path"]).read_bytes(), route["classes"],
-                                                  route["rank"], route["dim"], route["isotropic"]
-                                                  ).score(outputs["features"])
+    return routing.DeployedMahalanobis.load(route, folder).score(outputs["features"])
 
 
-def verify_router(entry: dict, folder: Path, pixels: np.ndarray, y: np.ndarray, outputs: dict) -> dict:
+def verify_router(entry: dict, folder: Path, y: np.ndarray, outputs: dict) -> dict:
     """What the deployed router does on the verification test images: offload of the client's ID and OOD
     images and the AUROC of its score (the OOD images are never used to place the threshold)."""
     from tfbitmeta.federated.diagnostics import auroc

@@ -156,6 +156,23 @@ class DeployedMahalanobis:
         return cls(means=a[:classes * dim].reshape(classes, dim), projection=a[classes * dim:].reshape(rank, dim),
                    isotropic=float(isotropic))
 
+    @classmethod
+    def load(cls, route: dict, folder) -> "DeployedMahalanobis":
+        """The router file a manifest entry's ``route`` names, in ``folder``, after its sha256 check."""
+        from pathlib import Path
+
+        from tfbitmeta.export.digest import sha256_bytes
+
+        path = Path(folder) / route["path"]
+        try:
+            buf = path.read_bytes()
+        except OSError as e:
+            raise TfbitmetaError(f"cannot read router {path}: {e.strerror}") from None
+        if sha256_bytes(buf) != route["sha256"]:
+            raise TfbitmetaError(f"{path} fails its sha256 check against the manifest: refusing to use it")
+        return cls.from_bytes(buf, int(route["classes"]), int(route["rank"]), int(route["dim"]),
+                              float(route["isotropic"]))
+
 
 def _flat(features: np.ndarray, pool: bool = False) -> np.ndarray:
     """One vector per image: the flattened features, or with ``pool`` feature maps (n, h, w, c) average-pooled

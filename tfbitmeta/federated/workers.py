@@ -35,6 +35,23 @@ def worker_processes(parent: psutil.Process | None = None) -> list[psutil.Proces
 def reap_workers(timeout: float = 10.0) -> int:
     """SIGINT (as TFF itself does), then SIGKILL what is still alive; returns how many were stopped."""
     procs = worker_processes()
+    _interrupt_then_kill(procs, timeout)
+    return len(procs)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGINT (a worker's clean shutdown), at most ``timeout`` seconds of waiting, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        _interrupt_then_kill([psutil.Process(proc.pid)], timeout)
+    except psutil.NoSuchProcess:
+        pass
+    proc.poll()  # the child is reaped: record its exit
+
+
+def _interrupt_then_kill(procs: list[psutil.Process], timeout: float) -> None:
+    """The one shutdown of a worker: SIGINT, a bounded wait, SIGKILL for what is still alive, a bounded wait."""
     for p in procs:
         try:
             p.send_signal(signal.SIGINT)
@@ -47,21 +64,6 @@ def reap_workers(timeout: float = 10.0) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=timeout)
-    return len(procs)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGINT (a worker's clean shutdown), at most ``timeout`` seconds of waiting, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
-    except ProcessLookupError:
-        pass
 
 
 class LocalWorker:
