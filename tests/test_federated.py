@@ -271,6 +271,19 @@ def test_early_exit_and_fallback_accounting_on_hand_made_probabilities():
     r = evaluate_predictions(meta, {"exit_probs": exit_p[None], "server_probs": server_p[None]}, y, threshold=0.0)
     assert r["clients"][0]["p0"]["offload_ratio"] == 0.0 and r["clients"][0]["p0"]["accuracy"] == 0.75
     assert r["clients"][0]["p1"]["latency_ms"] >= 0
+    # a calibrated router decides instead: offload where its score is below the client's threshold (the exit
+    # head's confidence is ignored); an explicit threshold brings max-softmax back for every client
+    meta["clients"][0]["router"] = {"score": "mahalanobis", "keep_local": 0.9}
+    scores = np.array([-1.0, -9.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0])  # only image 1 looks OOD
+    routed = {"exit_probs": exit_p[None], "server_probs": server_p[None], "route_scores": scores[None],
+              "route_thresholds": np.array([-5.0])}
+    r = evaluate_predictions(meta, routed, y)
+    c = r["clients"][0]
+    assert c["route"] == {"score": "mahalanobis", "keep_local": 0.9, "threshold": -5.0}
+    assert c["p0"]["offload_ratio"] == 0.25 and c["p0"]["accuracy"] == 0.75  # image 1 to the server; 5 stays wrong
+    r = evaluate_predictions(meta, routed, y, threshold=0.5)
+    assert r["clients"][0]["route"] == {"score": "max_softmax", "threshold": 0.5}
+    assert r["clients"][0]["p0"]["offload_ratio"] == 0.5
 
 
 # -- data -------------------------------------------------------------------------------------------------
@@ -345,6 +358,8 @@ def test_simulate_writes_a_federated_run_and_leaves_no_worker(sfl_run):
         assert (out / "clients" / f"client{k}" / "checkpoint").exists()
     preds = np.load(out / "predictions.npz")
     assert preds["exit_probs"].shape[:1] == (3,) and preds["server_probs"].shape == preds["exit_probs"].shape
+    assert preds["route_scores"].shape == preds["exit_probs"].shape[:2] and np.isfinite(preds["route_thresholds"]).all()
+    assert "mahalanobis router (keep 95% local)" in r.stdout  # the printed table routes as the export does
     assert _stray_workers() == []
 
 
@@ -479,6 +494,38 @@ def test_federated_export_ships_each_clients_router_calibrated_on_its_validation
         assert calibrate_threshold(scores, 0.95) == pytest.approx(route["threshold"], rel=1e-6)
         assert route["validation_keep_local"] >= 0.95
         assert 0.5 < route["verify"]["auroc"] <= 1.0, route["verify"]
+
+
+def test_evaluate_routes_like_the_exported_front_ends(sfl_run, sfl_models):
+    """simulate's table and ``evaluate`` route each client with the router convert ships: the same score,
+    calibrated the same way on the same validation images, so the Keras front end's offload decisions on the
+    test images are the integer TFLite file's up to int8 rounding; ``--threshold`` means max-softmax."""
+    from tfbitmeta.data import datasets
+    from tfbitmeta.data.pipeline import Normalization
+    from tfbitmeta.export.convert import run_tflite
+    from tfbitmeta.export.federated import router_scores
+    from tfbitmeta.federated.simulation import evaluate_run
+
+    run, (models, manifest) = sfl_run[0], sfl_models
+    meta = json.loads((run / "run.json").read_text())
+    preds = np.load(run / "predictions.npz")  # written by simulate
+    data = datasets.load("digits", seed=0)
+    pixels = Normalization.from_dict(meta["normalization"]).pixels(data.x_test).numpy()
+    res = evaluate_run(run, write=False)
+    for c in res["clients"]:
+        k = c["client"]
+        assert c["route"]["score"] == "mahalanobis" and c["route"]["keep_local"] == 0.95
+        assert c["route"]["threshold"] == pytest.approx(float(preds["route_thresholds"][k]), rel=1e-9)
+        f = next(f for f in manifest["files"]
+                 if f["kind"] == "front_end" and f["client"] == k and f["bits"]["w"] == c["bits"])
+        tfl = router_scores(f["router"], models, run_tflite(models / f["path"], pixels))
+        assert f["router"]["threshold"] == pytest.approx(c["route"]["threshold"], rel=0.1)
+        assert np.corrcoef(tfl, preds["route_scores"][k])[0, 1] > 0.95
+        agree = np.mean((tfl < f["router"]["threshold"]) == (preds["route_scores"][k] < c["route"]["threshold"]))
+        assert agree >= 0.85, (k, agree)
+    fixed = evaluate_run(run, threshold=0.8, write=False)
+    assert {c["route"]["score"] for c in fixed["clients"]} == {"max_softmax"}
+    assert [c["p1"]["offload_ratio"] for c in fixed["clients"]] != [c["p1"]["offload_ratio"] for c in res["clients"]]
 
 
 def test_classify_routes_on_the_clients_router_and_asks_the_server(sfl_models, tmp_path):

@@ -87,11 +87,11 @@ def test_sampled_views_are_balanced_and_independent_of_the_client(sim):
 def test_harmony_components_are_parameters_and_deployment_ablations_train_the_same():
     h = AL.get("harmony")
     assert not h.share_head and h.lam_head == 1.0 and h.share_bank and not h.labels_to_server  # personal heads
-    assert (h.router, h.keep_local, h.finetune_head, h.defer_own_classes) == ("mahalanobis", 0.95, False, True)
+    assert (h.router, h.keep_local, h.finetune_head, h.defer_own_classes) == ("mahalanobis", 0.95, False, False)
     shared = AL.get("harmony-shared-head")
     assert shared.share_head and shared.finetune_head and not AL.same_training(shared, h)
     variants = {n: AL.deployment_variants(n) for n in ("harmony", "harmony-shared-head")}
-    assert variants == {"harmony": ["harmony-max-softmax", "harmony-no-defer"],
+    assert variants == {"harmony": ["harmony-max-softmax", "harmony-defer"],
                         "harmony-shared-head": ["harmony-posterior", "harmony-no-finetune"]}
     for base, names in variants.items():
         for name in names:
@@ -159,3 +159,27 @@ def test_report_routes_with_a_threshold_from_validation_id_data_only(sim):
     al = report.alignment(sim, n_images=64)
     assert -1 <= al["other_image_cosine"] <= 1 and -1 <= al["same_image_cosine"] <= 1
     assert 0 <= al["server_label_agreement_across_architectures"] <= 1
+
+
+def test_stored_runs_are_named_by_what_they_measured():
+    """The benchmark's merge names a stored run by the algorithm it recorded: after a default changed (deferral,
+    now off), the old "harmony" run is "harmony-defer" and the old "harmony-no-defer" run is today's "harmony";
+    a run no name describes keeps its name and the table says how it was deployed."""
+    import importlib.util
+    from dataclasses import replace
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_harmony",
+                                                  Path(__file__).parents[1] / "tools" / "bench_harmony.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def stored(base, **kw):
+        return [{"algorithm": replace(AL.get(base), **kw).to_dict()}]
+    assert bench.current_name("harmony", stored("harmony", defer_own_classes=True)) == "harmony-defer"
+    assert bench.current_name("harmony-no-defer", stored("harmony", name="harmony-no-defer")) == "harmony"
+    assert bench.current_name("harmony", stored("harmony")) == "harmony"
+    old = stored("harmony-no-contrastive", defer_own_classes=True)
+    assert bench.current_name("harmony-no-contrastive", old) == "harmony-no-contrastive"
+    assert bench.deployment_difference("harmony-no-contrastive", old) == {"defer_own_classes": True}
+    assert bench.deployment_difference("harmony", stored("harmony")) == {}

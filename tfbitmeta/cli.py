@@ -280,11 +280,12 @@ def train(method, dataset, family, width, scheme, bits, w_eq_a, first_last, bn_m
                    "reference, whole test set) and the early-exit fraction / exit-or-continue accuracy")
 @user_errors
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
-              help="federated runs: early-exit confidence threshold [default: the run's]")
+              help="federated runs: route every client on its exit head's max-softmax at this threshold "
+                   "[default: each client's calibrated router, as convert exports it; else the run's threshold]")
 def evaluate(run, bits, batch_size, out, as_json, episodes, setting, test_dir, baseline, deployed, threshold):
     """Evaluate a trained run at many bitwidths: fake-quant and deployed (integer) accuracy side by side, early
     exits at the validation-chosen threshold (table, results.json, accuracy_vs_bits.png); a federated run: its
-    per-client table from the deployed checkpoints."""
+    per-client table from the deployed checkpoints, each client routing as its exported front end does."""
     kind = run_kind(run)
     if kind == "federated":
         from tfbitmeta.federated.simulation import evaluate_run, format_table
@@ -423,10 +424,11 @@ def _convert_federated(run, out, bits, verify, verify_images, int4, measure_late
                    "rounds, or constant (docs/federated.md, 'Learning rate')")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True,
               help="early-exit confidence threshold: below it a client asks the server (algorithms without a "
-                   "calibrated router, e.g. splitgp; and the printed table)")
+                   "calibrated router, e.g. splitgp)")
 @click.option("--keep-local", type=click.FloatRange(0, 1), default=None,
               help="calibrated routers (harmony): target share of a client's validation ID images answered on the "
-                   "device; convert places each router's threshold there [default: the algorithm's, 0.95]")
+                   "device; the printed table and convert place each router's threshold there [default: the "
+                   "algorithm's, 0.95]")
 @click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="share of each client's training data held out to calibrate its router")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,

@@ -222,6 +222,9 @@ def markdown(results: dict) -> str:
                 cells.append(f"{v['mean']:{f}}{spread}")
             lines.append(f"| {alg} | {r['seeds']} | " + " | ".join(cells) + f" | {r['wall_seconds']['mean']:.0f} |")
         lines.append("")
+        for alg, diff in res.get("deployed_differently", {}).items():
+            lines.append(f"- {alg}: deployed with " + ", ".join(f"{k}={v}" for k, v in diff.items())
+                         + " (the default when it ran)")
         for name, t in res["targets"].items():
             lines.append(f"- {name}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
@@ -234,7 +237,7 @@ def _json(o):
 # -- the stack under test -----------------------------------------------------------------------------------
 # trained algorithms (one training run each); "harmony" and "harmony-shared-head" are also evaluated as each of
 # their deployment ablations (algorithms.deployment_variants)
-# (another router / no fine-tuning / no deferral: the same training run, so free of training noise)
+# (another router / no fine-tuning / deferral: the same training run, so free of training noise)
 TRAINED = ["harmony", "splitgp", "fedavg", "local", "centralized", "splitgp-homogeneous",
            "harmony-shared-head", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"]
 ABLATIONS = {"harmony-shared-head", "harmony-no-contrastive", "harmony-no-sampling", "harmony-no-inner"}
@@ -392,12 +395,13 @@ def main() -> None:
 
 
 def tabulate(runs: dict) -> dict:
-    runs = {a: rs for a, rs in runs.items() if rs}
+    runs = dict(sorted(((a, rs) for a, rs in runs.items() if rs), key=lambda kv: kv[0] != "harmony"))  # ours first
     table = {a: over_seeds([row(r) for r in rs]) for a, rs in runs.items()}
     out = {"seeds": sorted({r["seed"] for rs in runs.values() for r in rs}), "table": table, "runs": runs,
            "targets": targets(table, runs, "harmony") if "harmony" in runs else {}}
     if "local" in runs and "harmony" in runs:
         out["id_vs_local_per_client_pp"] = per_client_gap(runs["harmony"], runs["local"])
+    out["deployed_differently"] = {a: d for a, rs in runs.items() if (d := deployment_difference(a, rs))}
     return out
 
 
@@ -407,9 +411,11 @@ def merge(paths: list, out: Path, name: str) -> None:
     runs, sources = {}, []
     for path in paths:
         d = json.loads(Path(path).read_text())
-        sources.append({"file": Path(path).name, **d["meta"]})
+        # an earlier merge's sources are carried over one by one (so results can be merged again)
+        sources += d["meta"]["sources"] if "sources" in d["meta"] else [{"file": Path(path).name, **d["meta"]}]
         for ds, res in d["results"].items():
             for variant, reps in res["runs"].items():
+                variant = current_name(variant, reps)
                 have = runs.setdefault(ds, {}).setdefault(variant, [])
                 seen = {r["seed"] for r in have}
                 dup = [r["seed"] for r in reps if r["seed"] in seen]
@@ -426,6 +432,34 @@ def merge(paths: list, out: Path, name: str) -> None:
     plot_sweep(results, out / f"{name}_sweep.png")
     (out / f"{name}.md").write_text(markdown(results) + "\n")
     print(markdown(results))
+
+
+def current_name(variant: str, reps: list) -> str:
+    """The name today's ``algorithms.ALGORITHMS`` gives the algorithm a stored run recorded (``algorithm``): a
+    default that changed since the run (deferral, off since 2026-12-02) moves the run to the name that now means
+    what it measured ("harmony" with deferral -> "harmony-defer", "harmony-no-defer" -> "harmony").  A run no
+    name describes exactly keeps its own."""
+    from tfbitmeta.federated import algorithms as AL
+
+    rec = reps[0].get("algorithm")
+    if not rec or variant.endswith("-homogeneous"):
+        return variant
+    same = lambda a: {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in rec.items() if k != "name"}  # noqa: E731
+    if variant in AL.ALGORITHMS and same(AL.get(variant).to_dict()):
+        return variant
+    return next((n for n, a in AL.ALGORITHMS.items() if same(a.to_dict())), variant)
+
+
+def deployment_difference(variant: str, reps: list) -> dict:
+    """Deployment fields in which a stored run differs from what ``variant`` means today (e.g. deferral)."""
+    from tfbitmeta.federated import algorithms as AL
+
+    name = variant.replace("-homogeneous", "")
+    rec = reps[0].get("algorithm")
+    if not rec or name not in AL.ALGORITHMS:
+        return {}
+    now = AL.get(name).to_dict()
+    return {k: rec[k] for k in AL.DEPLOYMENT_FIELDS if k != "name" and k in rec and rec[k] != now.get(k)}
 
 
 def _write(args, results: dict, t_all: float) -> None:

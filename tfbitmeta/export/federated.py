@@ -115,38 +115,34 @@ def export_federated(run_path: Path, out: Path, bits: str = "own", verify: bool 
 
 ROUTER_LAYOUT = ("float32 little-endian: the class means m (classes x dim, row-major), then U (rank x dim, "
                  "row-major); squared distance isotropic * |f - m|^2 - |U (f - m)|^2, score = minus the smallest")
-ROUTER_RANK = 64  # docs/harmony.md, "Deployed routing": AUROC of the compact form against the full precision
 
 
 def deployed_router(staged: Path, front_file: str, spec: dict, data, norm, progress=print) -> dict:
     """A client's router for one exported front end, built from that file's own outputs (what the device will
     compute): Mahalanobis statistics of its features on the client's training images, the threshold that keeps
-    ``keep_local`` of its validation ID images local.  Writes ``<front>.router`` next to the front end for the
-    Mahalanobis score; the entry's ``router`` object describes it."""
+    ``keep_local`` of its validation ID images local (:class:`routing.ClientRouter`).  Writes ``<front>.router``
+    next to the front end for the Mahalanobis score; the entry's ``router`` object describes it."""
     keep, kind = float(spec["keep_local"]), spec["score"]
     val = np.asarray(spec["validation"], np.int64)
     if val.size == 0:
         raise TfbitmetaError(f"{front_file}: the run holds no validation images to calibrate the router")
-    out_val = run_tflite(staged / front_file, norm.pixels(data.x_train[val]).numpy())
-    if kind not in ("mahalanobis", "max_softmax"):
+    if kind not in routing.DEPLOYED_SCORES:
         progress(f"{front_file}: routing score {kind!r} is not exported; calibrating max-softmax instead")
         kind = "max_softmax"
-    route = {"score": kind, "keep_local": keep, "validation_images": int(val.size)}
-    if kind == "max_softmax":
-        scores = out_val["exit_probs"].max(-1)
-    else:
-        fit = np.asarray(spec["fit"], np.int64)
-        out_fit = run_tflite(staged / front_file, norm.pixels(data.x_train[fit]).numpy())
-        maha = routing.Mahalanobis.fit(out_fit["features"], data.y_train[fit]).deployed(ROUTER_RANK)
+    out_val = run_tflite(staged / front_file, norm.pixels(data.x_train[val]).numpy())
+    fit = np.asarray(spec.get("fit", []), np.int64)
+    out_fit = run_tflite(staged / front_file, norm.pixels(data.x_train[fit]).numpy()) if kind == "mahalanobis" else None
+    r = routing.ClientRouter.calibrate(kind, keep, out_val, out_fit, data.y_train[fit])
+    route = {"score": kind, "keep_local": keep, "validation_images": int(val.size), "threshold": r.threshold,
+             "validation_keep_local": r.validation_keep_local}
+    if r.mahalanobis is not None:
+        maha = r.mahalanobis
         buf = maha.to_bytes()
         path = front_file.removesuffix(".tflite") + ".router"
         (staged / path).write_bytes(buf)
         route.update(path=path, sha256=sha256_bytes(buf), bytes=len(buf), classes=int(maha.means.shape[0]),
                      rank=int(maha.projection.shape[0]), dim=int(maha.means.shape[1]), isotropic=maha.isotropic,
                      fit_images=int(fit.size), layout=ROUTER_LAYOUT)
-        scores = maha.score(out_val["features"])
-    route["threshold"] = routing.calibrate_threshold(scores, keep)
-    route["validation_keep_local"] = float(np.mean(scores >= route["threshold"]))
     return route
 
 

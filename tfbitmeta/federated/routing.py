@@ -26,6 +26,8 @@ from tfbitmeta.errors import TfbitmetaError
 
 SCORES = ("max_softmax", "entropy", "energy", "mahalanobis", "posterior")
 FIT_IMAGES = 1000  # training ID images per client for the Mahalanobis class means and covariance
+DEPLOYED_SCORES = ("mahalanobis", "max_softmax")  # what a device computes (docs/harmony.md, "Deployed routing")
+ROUTER_RANK = 64  # rank of the deployed Mahalanobis form (docs/harmony.md, "Deployed routing": AUROC vs full rank)
 
 
 def fit_images(train_indices: np.ndarray, seed: int, client: int, n: int = FIT_IMAGES) -> np.ndarray:
@@ -254,6 +256,45 @@ class Router:
         if self.threshold is None:
             raise TfbitmetaError("the router has no threshold: calibrate it on validation ID scores first")
         return np.asarray(scores, np.float64) < self.threshold
+
+
+@dataclass
+class ClientRouter:
+    """A client's deployed offload rule, as ``convert`` ships it and ``evaluate`` measures it: the score a device
+    computes from one front end's outputs (``exit_probs``, ``features``) and the threshold calibrated on the
+    client's validation ID images.  ``mahalanobis`` is the compact :class:`DeployedMahalanobis` (None for
+    max-softmax)."""
+    kind: str
+    keep_local: float
+    threshold: float
+    mahalanobis: DeployedMahalanobis | None = field(default=None, repr=False)
+    validation_keep_local: float | None = None  # share of the validation images the threshold keeps local
+
+    @classmethod
+    def calibrate(cls, kind: str, keep_local: float, validation: dict, fit: dict | None = None, fit_labels=None,
+                  rank: int = ROUTER_RANK) -> "ClientRouter":
+        """Fit the score on the client's training images (``fit`` outputs, ``fit_labels``: Mahalanobis only) and
+        place the threshold at the ``keep_local`` quantile of its scores on the validation ID outputs."""
+        if kind not in DEPLOYED_SCORES:
+            raise TfbitmetaError(f"routing score {kind!r} is not deployable: use {', '.join(DEPLOYED_SCORES)}")
+        maha = None
+        if kind == "mahalanobis":
+            if fit is None or fit_labels is None:
+                raise TfbitmetaError("a Mahalanobis router needs the client's training features and labels")
+            maha = Mahalanobis.fit(fit["features"], fit_labels).deployed(rank)
+        r = cls(kind=kind, keep_local=float(keep_local), threshold=np.nan, mahalanobis=maha)
+        s = r.scores(validation)
+        r.threshold = calibrate_threshold(s, keep_local)
+        r.validation_keep_local = float(np.mean(s >= r.threshold))
+        return r
+
+    def scores(self, outputs: dict) -> np.ndarray:
+        if self.kind == "max_softmax":
+            return np.asarray(outputs["exit_probs"], np.float64).max(-1)
+        return self.mahalanobis.score(outputs["features"])
+
+    def offload(self, outputs: dict) -> np.ndarray:
+        return self.scores(outputs) < self.threshold
 
 
 def answer(exit_pred, server_pred, offload, id_classes, defer_own_classes: bool = False

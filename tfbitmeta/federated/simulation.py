@@ -398,15 +398,37 @@ class Deployed:
         return np.concatenate([tf.nn.softmax(self.backend([feats[i:i + batch], np.tile(b, (len(feats[i:i + batch]), 1))],
                                                           training=False)).numpy() for i in range(0, len(feats), batch)])
 
+    def router(self, k: int, x_train: np.ndarray, y_train: np.ndarray) -> routing.ClientRouter | None:
+        """Client k's calibrated router as ``convert`` builds it (:class:`routing.ClientRouter` from the run's
+        ``clients[k].router``: fitted on its training images, threshold on its validation ID images), here on the
+        Keras front end's outputs; ``x_train`` normalized.  None when the run has no calibrated router."""
+        spec = self.meta["clients"][k].get("router")
+        if not spec:
+            return None
+        kind = spec["score"] if spec["score"] in routing.DEPLOYED_SCORES else "max_softmax"  # what convert ships
+        val, fit = (np.asarray(spec[key], np.int64) for key in ("validation", "fit"))
+        outputs = [dict(zip(("exit_probs", "features"), self.front_outputs(k, x_train[i]))) for i in (val, fit)]
+        return routing.ClientRouter.calibrate(kind, spec["keep_local"], outputs[0], outputs[1], y_train[fit])
 
-def predictions(deployed: Deployed, x_test: np.ndarray) -> dict:
-    """Exit and server probabilities of every client on every test image."""
+
+def predictions(deployed: Deployed, x_test: np.ndarray, x_train: np.ndarray | None = None,
+                y_train: np.ndarray | None = None) -> dict:
+    """Exit and server probabilities of every client on every test image; with the (normalized) training set,
+    also each calibrated router's scores of the test images and its threshold (NaN: the client has no router)."""
+    n = len(deployed.meta["clients"])
     exit_p, server_p = [], []
-    for k in range(len(deployed.meta["clients"])):
+    route_scores, thresholds = np.full((n, len(x_test)), np.nan), np.full(n, np.nan)
+    for k in range(n):
         p, f = deployed.front_outputs(k, x_test)
         exit_p.append(p)
         server_p.append(deployed.server_probs(f))
-    return {"exit_probs": np.stack(exit_p), "server_probs": np.stack(server_p)}
+        router = deployed.router(k, x_train, y_train) if x_train is not None else None
+        if router is not None:
+            route_scores[k], thresholds[k] = router.scores({"exit_probs": p, "features": f}), router.threshold
+    out = {"exit_probs": np.stack(exit_p), "server_probs": np.stack(server_p)}
+    if np.isfinite(thresholds).any():
+        out.update(route_scores=route_scores, route_thresholds=thresholds)
+    return out
 
 
 def model_flops(model: tf.keras.Model) -> float:
@@ -423,7 +445,11 @@ def model_flops(model: tf.keras.Model) -> float:
 
 def evaluate_predictions(meta: dict, preds: dict, y_test: np.ndarray, threshold: float | None = None,
                          latency: LatencyModel | None = None, flops: dict | None = None) -> dict:
-    """The per-client table: accuracy without (p=0) and with OOD test samples, offload ratio, modelled latency."""
+    """The per-client table: accuracy without (p=0) and with OOD test samples, offload ratio, modelled latency.
+
+    A client offloads what its calibrated router sends away (``preds["route_scores"]`` below its threshold: what
+    the exported front end and the device do); a client without one, or every client when ``threshold`` is
+    given, offloads when the exit head's max-softmax is below ``threshold`` (default: the run's)."""
     latency = latency or LatencyModel()
     thr = meta["threshold"] if threshold is None else threshold
     feat_elems = int(np.prod(meta["feature_shape"]))
@@ -432,16 +458,25 @@ def evaluate_predictions(meta: dict, preds: dict, y_test: np.ndarray, threshold:
     for c in meta["clients"]:
         k = c["client"]
         ep, sp = preds["exit_probs"][k], preds["server_probs"][k]
+        routed = threshold is None and "route_thresholds" in preds and np.isfinite(preds["route_thresholds"][k])
         row = {key: c[key] for key in ("client", "architecture", "bits", "id_classes", "train_examples")}
+        row["route"] = ({"score": c["router"]["score"] if c["router"]["score"] in routing.DEPLOYED_SCORES else "max_softmax",
+                         "keep_local": c["router"]["keep_local"], "threshold": float(preds["route_thresholds"][k])}
+                        if routed else {"score": "max_softmax", "threshold": float(thr)})
         for p in OOD_FRACTIONS:
             idx, is_ood = partition.test_indices(y_test, np.array(c["id_classes"]), p, meta["config"]["seed"] + k)
             y, e, s = y_test[idx], ep[idx].argmax(-1), sp[idx].argmax(-1)
-            split = meta["algorithm"]["split"]
-            off = (ep[idx].max(-1) < thr) if split else np.zeros(len(idx), bool)
+            if not meta["algorithm"]["split"]:
+                off = np.zeros(len(idx), bool)
+            elif routed:
+                off = preds["route_scores"][k][idx] < preds["route_thresholds"][k]
+            else:
+                off = ep[idx].max(-1) < thr
             pred = np.where(off, s, e)
             row[f"p{p:g}"] = {
                 "accuracy": float(np.mean(pred == y)), "offload_ratio": float(np.mean(off)),
-                "exit_accuracy": float(np.mean(e == y)), "server_accuracy": float(np.mean(s == y)) if split else None,
+                "exit_accuracy": float(np.mean(e == y)),
+                "server_accuracy": float(np.mean(s == y)) if meta["algorithm"]["split"] else None,
                 "ood_accuracy": float(np.mean(pred[is_ood] == y[is_ood])) if is_ood.any() else None,
                 "latency_ms": latency.mean_ms(k, flops.get(c["architecture"], 0.0), float(np.mean(off)), feat_elems,
                                               c["bits"], flops.get("server", 0.0)),
@@ -456,18 +491,20 @@ def evaluate_predictions(meta: dict, preds: dict, y_test: np.ndarray, threshold:
 
 def evaluate_run(run_path: Path, threshold: float | None = None, write: bool = True,
                  space: ModelSpace | None = None) -> dict:
-    """Evaluate a finished federated run from its checkpoints (``tfbitmeta evaluate RUN``)."""
+    """Evaluate a finished federated run from its checkpoints (``tfbitmeta evaluate RUN``): each client routes
+    with its calibrated router (as exported), or on max-softmax at ``threshold`` when one is given."""
     dep = Deployed(run_path, space)
     meta = dep.meta
     data = datasets.load(meta["config"]["dataset"], seed=meta["config"]["seed"])
-    preds = predictions(dep, dep.norm.apply(data.x_test).numpy())
+    preds = predictions(dep, dep.norm.apply(data.x_test).numpy(), dep.norm.apply(data.x_train).numpy(), data.y_train)
     flops = {"server": model_flops(dep.backend)}
     for c in meta["clients"]:
         if c["architecture"] not in flops:
             flops[c["architecture"]] = model_flops(dep.client(c["client"]).front_end(c["split"]))
     results = evaluate_predictions(meta, preds, data.y_test.astype(np.int32), threshold, flops=flops)
-    if write:
-        np.savez_compressed(dep.run.path / "predictions.npz", **{k: v.astype(np.float16) for k, v in preds.items()})
+    if write:  # probabilities as float16; router scores (large negative distances) and thresholds at full width
+        np.savez_compressed(dep.run.path / "predictions.npz",
+                            **{k: v.astype(np.float16) if k.endswith("_probs") else v for k, v in preds.items()})
     return results
 
 
@@ -532,16 +569,23 @@ def plot(results: dict, history: list[dict], path: Path, title: str) -> None:
 
 
 def format_table(results: dict) -> str:
-    """Per-client and mean accuracy without (p=0) and with OOD samples, offload ratio and modelled latency."""
+    """Per-client and mean accuracy without (p=0) and with OOD samples, offload ratio, modelled latency and the
+    rule that decided the offload (the client's calibrated router, or max-softmax at a threshold)."""
     head = f"{'client':>6} {'arch':<20} {'bits':>4} {'ID classes':<12} {'acc p=0':>8} {'p=0.5':>7} {'p=1':>7} " \
-           f"{'offload p=1':>11} {'latency p=1':>11}"
+           f"{'offload p=1':>11} {'latency p=1':>11}  routing"
     lines = [head]
 
-    def row(name, arch, bits, ids, m):
+    def row(name, arch, bits, ids, m, route=""):
         return (f"{name:>6} {arch:<20} {bits:>4} {ids:<12} {100 * m['p0']['accuracy']:>7.1f}% "
                 f"{100 * m['p0.5']['accuracy']:>6.1f}% {100 * m['p1']['accuracy']:>6.1f}% "
-                f"{100 * m['p1']['offload_ratio']:>10.1f}% {m['p1']['latency_ms']:>9.1f}ms")
+                f"{100 * m['p1']['offload_ratio']:>10.1f}% {m['p1']['latency_ms']:>9.1f}ms  {route}").rstrip()
+
+    def rule(r):
+        if r["score"] == "max_softmax" and "keep_local" not in r:
+            return f"max-softmax < {r['threshold']:.2f}"
+        return f"{r['score'].replace('_', '-')} router (keep {100 * r['keep_local']:.0f}% local)"
     for c in results["clients"]:
-        lines.append(row(c["client"], c["architecture"], str(c["bits"]), ",".join(map(str, c["id_classes"])), c))
+        lines.append(row(c["client"], c["architecture"], str(c["bits"]), ",".join(map(str, c["id_classes"])), c,
+                         rule(c["route"]) if "route" in c else ""))
     lines.append(row("mean", "", "", "", results["mean"]))
     return "\n".join(lines)
