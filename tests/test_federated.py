@@ -503,7 +503,7 @@ def test_evaluate_routes_like_the_exported_front_ends(sfl_run, sfl_models):
     from tfbitmeta.data import datasets
     from tfbitmeta.data.pipeline import Normalization
     from tfbitmeta.export.convert import run_tflite
-    from tfbitmeta.export.federated import router_scores
+    from tfbitmeta.federated.routing import ClientRouter
     from tfbitmeta.federated.simulation import evaluate_run
 
     run, (models, manifest) = sfl_run[0], sfl_models
@@ -518,7 +518,7 @@ def test_evaluate_routes_like_the_exported_front_ends(sfl_run, sfl_models):
         assert c["route"]["threshold"] == pytest.approx(float(preds["route_thresholds"][k]), rel=1e-9)
         f = next(f for f in manifest["files"]
                  if f["kind"] == "front_end" and f["client"] == k and f["bits"]["w"] == c["bits"])
-        tfl = router_scores(f["router"], models, run_tflite(models / f["path"], pixels))
+        tfl = ClientRouter.from_manifest(f["router"], models).scores(run_tflite(models / f["path"], pixels))
         assert f["router"]["threshold"] == pytest.approx(c["route"]["threshold"], rel=0.1)
         assert np.corrcoef(tfl, preds["route_scores"][k])[0, 1] > 0.95
         agree = np.mean((tfl < f["router"]["threshold"]) == (preds["route_scores"][k] < c["route"]["threshold"]))

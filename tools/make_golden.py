@@ -115,8 +115,9 @@ def main(argv=None) -> dict:
                 (args.out / f"feat_{name}_{i}.f32").write_bytes(feat)
                 th = float(entry["exit_threshold"])
                 route = entry.get("router") or {}
-                if route.get("score") == "mahalanobis":  # a federated client's router decides (DeviceRuntime)
-                    route_score, route_th = float(rt.router(entry).score(out["features"])[0]), float(route["threshold"])
+                if route:  # a federated client's router decides (DeviceRuntime)
+                    router = rt.router(entry)
+                    route_score, route_th = float(router.scores(out)[0]), float(router.threshold)
                 else:
                     route_score, route_th = float(probs.max()), th
                 fallback = bool(route_score < route_th)

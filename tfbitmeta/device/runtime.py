@@ -216,11 +216,11 @@ class DeviceRuntime:
         out = runner(image=pixels[None].astype(np.float32))
         t2 = time.perf_counter()
         probs, features = out["exit_probs"][0], out["features"]
-        route = entry.get("router") if threshold is None else None  # an explicit threshold means max-softmax
-        if route and route["score"] == "mahalanobis":
-            kind, th = "mahalanobis", float(route["threshold"])
-            score = float(self.router(entry).score(np.asarray(features, np.float32))[0])
-        else:
+        if threshold is None and entry.get("router"):  # the client's calibrated router
+            router = self.router(entry)
+            kind, th = router.kind, float(router.threshold)
+            score = float(router.scores({"exit_probs": probs[None], "features": features})[0])
+        else:  # the manifest's exit threshold, or an explicit one: max-softmax
             kind = "max_softmax"
             th = float(entry["exit_threshold"] if threshold is None else threshold)
             score = float(np.max(probs))
@@ -239,15 +239,14 @@ class DeviceRuntime:
         return answer
 
     def router(self, entry: dict):
-        """The client's Mahalanobis router of a federated front end (docs/harmony.md, "Deployed routing"), read
-        once and checked against the manifest's sha256."""
-        from tfbitmeta.federated.routing import DeployedMahalanobis
+        """The client's calibrated router of a federated front end (docs/harmony.md, "Deployed routing"); a
+        Mahalanobis file is read once and checked against the manifest's sha256."""
+        from tfbitmeta.federated.routing import ClientRouter
 
-        route = entry["router"]
         cache = self.__dict__.setdefault("_routers", {})
-        if route["path"] not in cache:
-            cache[route["path"]] = DeployedMahalanobis.load(route, self.models)
-        return cache[route["path"]]
+        if entry["path"] not in cache:
+            cache[entry["path"]] = ClientRouter.from_manifest(entry["router"], self.models)
+        return cache[entry["path"]]
 
     def request_bytes(self, entry: dict, features: np.ndarray, packed: bool = True) -> bytes:
         return encode_request(features, FeatureSpec.of_front_end(entry), packed)

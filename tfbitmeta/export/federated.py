@@ -126,9 +126,9 @@ def deployed_router(staged: Path, front_file: str, spec: dict, data, norm, progr
     val = np.asarray(spec["validation"], np.int64)
     if val.size == 0:
         raise TfbitmetaError(f"{front_file}: the run holds no validation images to calibrate the router")
-    if kind not in routing.DEPLOYED_SCORES:
+    if routing.deployable(kind) != kind:
         progress(f"{front_file}: routing score {kind!r} is not exported; calibrating max-softmax instead")
-        kind = "max_softmax"
+        kind = routing.deployable(kind)
     out_val = run_tflite(staged / front_file, norm.pixels(data.x_train[val]).numpy())
     fit = np.asarray(spec.get("fit", []), np.int64)
     out_fit = run_tflite(staged / front_file, norm.pixels(data.x_train[fit]).numpy()) if kind == "mahalanobis" else None
@@ -146,19 +146,12 @@ def deployed_router(staged: Path, front_file: str, spec: dict, data, norm, progr
     return route
 
 
-def router_scores(route: dict, folder: Path, outputs: dict) -> np.ndarray:
-    """The deployed router's score of a front end's outputs (``exit_probs``, ``features``)."""
-    if route["score"] == "max_softmax":
-        return np.asarray(outputs["exit_probs"]).max(-1)
-    return routing.DeployedMahalanobis.load(route, folder).score(outputs["features"])
-
-
 def verify_router(entry: dict, folder: Path, y: np.ndarray, outputs: dict) -> dict:
     """What the deployed router does on the verification test images: offload of the client's ID and OOD
     images and the AUROC of its score (the OOD images are never used to place the threshold)."""
     from tfbitmeta.federated.diagnostics import auroc
 
-    s = router_scores(entry["router"], folder, outputs)
+    s = routing.ClientRouter.from_manifest(entry["router"], folder).scores(outputs)
     is_id = np.isin(y, entry["id_classes"])
     off = s < entry["router"]["threshold"]
     return {"test_images": int(len(y)), "id_offload": float(off[is_id].mean()) if is_id.any() else None,

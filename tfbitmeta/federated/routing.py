@@ -30,6 +30,11 @@ DEPLOYED_SCORES = ("mahalanobis", "max_softmax")  # what a device computes (docs
 ROUTER_RANK = 64  # rank of the deployed Mahalanobis form (docs/harmony.md, "Deployed routing": AUROC vs full rank)
 
 
+def deployable(kind: str) -> str:
+    """The score a device computes for an algorithm's routing score: itself when deployable, else max-softmax."""
+    return kind if kind in DEPLOYED_SCORES else "max_softmax"
+
+
 def fit_images(train_indices: np.ndarray, seed: int, client: int, n: int = FIT_IMAGES) -> np.ndarray:
     """The (up to ``n``) training images of a client the Mahalanobis statistics are fitted on: a fixed random
     subset, the same in the benchmark's report and in ``tfbitmeta convert``."""
@@ -288,13 +293,20 @@ class ClientRouter:
         r.validation_keep_local = float(np.mean(s >= r.threshold))
         return r
 
+    @classmethod
+    def from_manifest(cls, route: dict, folder) -> "ClientRouter":
+        """The router a manifest entry's ``route`` describes, its Mahalanobis file read from ``folder`` (sha256
+        checked)."""
+        maha = DeployedMahalanobis.load(route, folder) if route["score"] == "mahalanobis" else None
+        return cls(kind=route["score"], keep_local=float(route["keep_local"]), threshold=float(route["threshold"]),
+                   mahalanobis=maha, validation_keep_local=route.get("validation_keep_local"))
+
     def scores(self, outputs: dict) -> np.ndarray:
+        """One score per image of a front end's ``outputs`` (``exit_probs``, ``features``); below ``threshold``
+        the image goes to the server."""
         if self.kind == "max_softmax":
             return np.asarray(outputs["exit_probs"], np.float64).max(-1)
         return self.mahalanobis.score(outputs["features"])
-
-    def offload(self, outputs: dict) -> np.ndarray:
-        return self.scores(outputs) < self.threshold
 
 
 def answer(exit_pred, server_pred, offload, id_classes, defer_own_classes: bool = False

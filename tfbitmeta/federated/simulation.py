@@ -398,22 +398,22 @@ class Deployed:
         return np.concatenate([tf.nn.softmax(self.backend([feats[i:i + batch], np.tile(b, (len(feats[i:i + batch]), 1))],
                                                           training=False)).numpy() for i in range(0, len(feats), batch)])
 
-    def router(self, k: int, x_train: np.ndarray, y_train: np.ndarray) -> routing.ClientRouter | None:
+    def router(self, k: int, data) -> routing.ClientRouter | None:
         """Client k's calibrated router as ``convert`` builds it (:class:`routing.ClientRouter` from the run's
-        ``clients[k].router``: fitted on its training images, threshold on its validation ID images), here on the
-        Keras front end's outputs; ``x_train`` normalized.  None when the run has no calibrated router."""
+        ``clients[k].router``: fitted on its training images, threshold on its validation ID images of the
+        dataset ``data``), here on the Keras front end's outputs.  None when the run has no calibrated router."""
         spec = self.meta["clients"][k].get("router")
         if not spec:
             return None
-        kind = spec["score"] if spec["score"] in routing.DEPLOYED_SCORES else "max_softmax"  # what convert ships
         val, fit = (np.asarray(spec[key], np.int64) for key in ("validation", "fit"))
-        outputs = [dict(zip(("exit_probs", "features"), self.front_outputs(k, x_train[i]))) for i in (val, fit)]
-        return routing.ClientRouter.calibrate(kind, spec["keep_local"], outputs[0], outputs[1], y_train[fit])
+        outputs = [dict(zip(("exit_probs", "features"), self.front_outputs(k, self.norm.apply(data.x_train[i]).numpy())))
+                   for i in (val, fit)]
+        return routing.ClientRouter.calibrate(routing.deployable(spec["score"]), spec["keep_local"], outputs[0],
+                                              outputs[1], data.y_train[fit])
 
 
-def predictions(deployed: Deployed, x_test: np.ndarray, x_train: np.ndarray | None = None,
-                y_train: np.ndarray | None = None) -> dict:
-    """Exit and server probabilities of every client on every test image; with the (normalized) training set,
+def predictions(deployed: Deployed, x_test: np.ndarray, data=None) -> dict:
+    """Exit and server probabilities of every client on every (normalized) test image; with the dataset ``data``,
     also each calibrated router's scores of the test images and its threshold (NaN: the client has no router)."""
     n = len(deployed.meta["clients"])
     exit_p, server_p = [], []
@@ -422,7 +422,7 @@ def predictions(deployed: Deployed, x_test: np.ndarray, x_train: np.ndarray | No
         p, f = deployed.front_outputs(k, x_test)
         exit_p.append(p)
         server_p.append(deployed.server_probs(f))
-        router = deployed.router(k, x_train, y_train) if x_train is not None else None
+        router = deployed.router(k, data) if data is not None else None
         if router is not None:
             route_scores[k], thresholds[k] = router.scores({"exit_probs": p, "features": f}), router.threshold
     out = {"exit_probs": np.stack(exit_p), "server_probs": np.stack(server_p)}
@@ -460,8 +460,8 @@ def evaluate_predictions(meta: dict, preds: dict, y_test: np.ndarray, threshold:
         ep, sp = preds["exit_probs"][k], preds["server_probs"][k]
         routed = threshold is None and "route_thresholds" in preds and np.isfinite(preds["route_thresholds"][k])
         row = {key: c[key] for key in ("client", "architecture", "bits", "id_classes", "train_examples")}
-        row["route"] = ({"score": c["router"]["score"] if c["router"]["score"] in routing.DEPLOYED_SCORES else "max_softmax",
-                         "keep_local": c["router"]["keep_local"], "threshold": float(preds["route_thresholds"][k])}
+        row["route"] = ({"score": routing.deployable(c["router"]["score"]), "keep_local": c["router"]["keep_local"],
+                         "threshold": float(preds["route_thresholds"][k])}
                         if routed else {"score": "max_softmax", "threshold": float(thr)})
         for p in OOD_FRACTIONS:
             idx, is_ood = partition.test_indices(y_test, np.array(c["id_classes"]), p, meta["config"]["seed"] + k)
@@ -496,7 +496,7 @@ def evaluate_run(run_path: Path, threshold: float | None = None, write: bool = T
     dep = Deployed(run_path, space)
     meta = dep.meta
     data = datasets.load(meta["config"]["dataset"], seed=meta["config"]["seed"])
-    preds = predictions(dep, dep.norm.apply(data.x_test).numpy(), dep.norm.apply(data.x_train).numpy(), data.y_train)
+    preds = predictions(dep, dep.norm.apply(data.x_test).numpy(), data)
     flops = {"server": model_flops(dep.backend)}
     for c in meta["clients"]:
         if c["architecture"] not in flops:
