@@ -34,8 +34,10 @@ sealed class ServerResult {
  * complete answer within [timeoutMs], a non-200 answer or an unusable body all become [ServerResult.Offline] with a
  * reason, like the Python runtime's `_fall_back` (tfbitmeta/device/runtime.py), whose rules these are:
  * - [timeoutMs] is a deadline for the whole exchange (connect, send, every byte of the answer), so a server
- *   trickling a byte at a time cannot stretch it: the exchange runs on a worker thread that is cut off (its
- *   connection closed) at the deadline;
+ *   trickling a byte at a time cannot stretch it: the exchange runs on a worker thread, and the call returns at the
+ *   deadline. While the request is sent and the headers are read, the worker's connection is closed then; once it
+ *   reads the body, the worker stops by itself at its next read (each is bounded by the read timeout, and it checks
+ *   the deadline after every read);
  * - at most [maxResponseBytes] (1 MiB) of answer are read (a larger Content-Length is refused unread);
  * - JSON nested deeper than [Json.MAX_DEPTH] is refused;
  * - the answer must hold one row of one probability per class, each finite and in [0, 1] within
@@ -93,16 +95,28 @@ class FallbackClient(
 
     private fun timedOut() = "server did not answer within ${timeoutMs / 1000.0} s"
 
-    /** One POST on the worker thread: (status, body) with the body capped; [abort] closes its connection. */
+    /**
+     * One POST on the worker thread: (status, body) with the body capped. [abort] closes the connection while the
+     * request is sent and the headers are read; once the worker reads the body it is left alone. The JDK hands a
+     * half-read keep-alive body that another thread closes to its "Keep-Alive-SocketCleaner", which holds the
+     * stream's lock while it drains the rest; a worker entering its next read then waited for the whole trickle
+     * (over 10 s, seen twice in CI). Only the worker touches the body stream, so it stops at its next read instead.
+     */
     private inner class Exchange(val url: URL, val body: ByteArray, val deadline: Long) : Callable<Pair<Int, ByteArray>> {
-        @Volatile private var conn: HttpURLConnection? = null
+        private val lock = Any()
+        private var conn: HttpURLConnection? = null   // guarded by lock
+        private var readingBody = false               // guarded by lock
+        private var closedByAbort = false             // guarded by lock
         @Volatile private var aborted = false
 
-        fun abort() {
+        fun abort() = synchronized(lock) {
             aborted = true
-            // HttpURLConnection.disconnect() closes the socket a blocked read waits on; off the caller's thread
-            // in case an implementation makes it wait for that read.
-            conn?.let { c -> Thread { c.disconnect() }.apply { isDaemon = true }.start() }
+            if (!readingBody) {
+                closedByAbort = true
+                // HttpURLConnection.disconnect() closes the socket a blocked write or header read waits on; off the
+                // caller's thread in case an implementation makes it wait for that read.
+                conn?.let { c -> Thread { c.disconnect() }.apply { isDaemon = true }.start() }
+            }
         }
 
         private fun remainingMs(): Int {
@@ -113,7 +127,7 @@ class FallbackClient(
 
         override fun call(): Pair<Int, ByteArray> {
             val c = url.openConnection() as HttpURLConnection
-            conn = c
+            synchronized(lock) { conn = c }
             try {
                 c.requestMethod = "POST"
                 c.instanceFollowRedirects = false   // a redirect is an answer (non-200), as for the Python client
@@ -126,6 +140,10 @@ class FallbackClient(
                 c.setFixedLengthStreamingMode(body.size)
                 c.outputStream.use { it.write(body) }
                 val code = c.responseCode
+                synchronized(lock) {
+                    remainingMs()   // aborted while the headers were read: abort() has closed the connection
+                    readingBody = true
+                }
                 if (code != 200) {
                     // only the message matters: a bounded prefix of the error body
                     val err = if (code >= 400) c.errorStream else c.inputStream
@@ -135,7 +153,7 @@ class FallbackClient(
                 if (length > maxResponseBytes) throw TooLarge("answer of $length bytes exceeds the $maxResponseBytes-byte limit")
                 return code to c.inputStream.use { read(it, maxResponseBytes, truncate = false) }
             } finally {
-                c.disconnect()
+                if (!synchronized(lock) { closedByAbort }) c.disconnect()
             }
         }
 
